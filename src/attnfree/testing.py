@@ -11,13 +11,22 @@ RTOL_BY_DTYPE: dict[torch.dtype, float] = {
     torch.bfloat16: 2e-2,
     torch.float16: 5e-3,
 }
+# Absolute floor: a tensor whose every entry is this close passes even when the reference is ~0
+# (e.g. the score gradient of a softmax over a single position is exactly 0).
+ATOL_BY_DTYPE: dict[torch.dtype, float] = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.bfloat16: 1e-2,
+    torch.float16: 1e-3,
+}
 
 
 def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float | None = None) -> None:
     """Assert that ``actual`` matches ``expected`` in relative RMS error.
 
     The error is ``rms(actual - expected) / (rms(expected) + tiny)``, a measure that does not blow up
-    on single near-zero entries (fla's habit). ``rtol`` defaults to ``RTOL_BY_DTYPE[actual.dtype]``.
+    on single near-zero entries (fla's habit). ``rtol`` defaults to ``RTOL_BY_DTYPE[actual.dtype]``;
+    a tensor within ``ATOL_BY_DTYPE`` everywhere passes too (for references that are ~0).
     The message reports the relative RMS error, the max absolute error and where it occurs.
     """
     if actual.shape != expected.shape:
@@ -28,7 +37,8 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: 
         raise AssertionError(f"{name}: {int((~torch.isfinite(a)).sum())} non-finite values")
     diff = a - e
     rel_rms = (diff.pow(2).mean().sqrt() / (e.pow(2).mean().sqrt() + 1e-30)).item() if diff.numel() else 0.0
-    if rel_rms > tol:
+    max_abs = diff.abs().max().item() if diff.numel() else 0.0
+    if rel_rms > tol and max_abs > ATOL_BY_DTYPE.get(actual.dtype, 1e-6):
         idx = int(diff.abs().argmax())
         where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), diff.shape))
         raise AssertionError(

@@ -1,0 +1,1 @@
+"""nn.Modules: one token mixer per file, plus the feed-forward block."""

@@ -1,0 +1,1 @@
+"""Model families: HuggingFace configuration + modeling files, registered with the Auto classes."""

@@ -1,0 +1,99 @@
+"""Pieces shared by every model family: input checks, position ids, the causal-LM loss, generation hooks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnfree.cache import RecurrentCache
+
+
+def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:
+    """Raise ValueError for empty input or token ids outside [0, vocab_size)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def position_ids_from_mask(mask: Tensor | None, B: int, T: int, cache: RecurrentCache | None, device) -> Tensor:
+    """Positions counting real tokens only, so a left-padded prompt starts at 0. [B, T] long."""
+    if mask is None:
+        pos = torch.arange(T, device=device).expand(B, T)
+    else:
+        pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    if cache is not None and cache.steps:
+        pos = pos + cache.seen_tokens.to(device).unsqueeze(-1)
+    return pos
+
+
+def check_positions(position_ids: Tensor, n_positions: int) -> None:
+    top = int(position_ids.max())
+    if top >= n_positions:
+        raise ValueError(
+            f"position {top} is beyond the model's n_positions={n_positions} (learned position embeddings): "
+            f"shorten the input, or use position_embedding_type='none' for unbounded decoding"
+        )
+
+
+def causal_lm_loss(
+    logits: Tensor,
+    labels: Tensor,
+    attention_mask: Tensor | None,
+    label_smoothing: float,
+    num_items_in_batch: Tensor | int | None = None,
+) -> Tensor:
+    """Next-token cross-entropy: logits [B, T, V] at t predict labels [B, T] at t+1.
+
+    Labels equal to -100 and positions where attention_mask is 0 are ignored (a masked copy; the
+    caller's tensor is untouched). With ``num_items_in_batch`` (from transformers.Trainer under gradient
+    accumulation) the summed loss is divided by that count instead of this batch's.
+    """
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask == 0, -100)
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, label_smoothing=label_smoothing)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, label_smoothing=label_smoothing,
+                            reduction="sum")
+    if isinstance(num_items_in_batch, Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+class RecurrentGenerationMixin:
+    """Generation hooks for models whose cache is a ``RecurrentCache`` (not a growing KV cache)."""
+
+    config: Any
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # we build our own RecurrentCache at prefill
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: Tensor,
+        past_key_values: RecurrentCache | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Prefill with the whole prompt, then feed only the newest token: its state carries the rest."""
+        if past_key_values is not None and past_key_values.steps:
+            return {"input_ids": input_ids[:, -1:], "past_key_values": past_key_values, "use_cache": True}
+        inputs: dict[str, Any] = {"attention_mask": attention_mask, "past_key_values": past_key_values,
+                                  "use_cache": use_cache if use_cache is not None else True}
+        if inputs_embeds is not None and input_ids.shape[1] == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids
+        return inputs

@@ -1,0 +1,53 @@
+"""Causal additive attention, one token at a time (the RNN form used for decoding)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnfree.ops.additive.state import (
+    AdditiveState,
+    check_inputs,
+    finite_or_zero,
+    init_additive_state,
+    safe_divide,
+)
+
+
+def additive_pool_step(
+    x_t: Tensor, a_t: Tensor, mask_t: Tensor | None, state: AdditiveState
+) -> tuple[Tensor, AdditiveState]:
+    """One step of s_i = s_{i-1} + exp(a_i) x_i, z_i = z_{i-1} + exp(a_i), g_i = s_i / z_i.
+
+    x_t: [B, H, D], a_t: [B, H], mask_t: [B] bool or None. Sums are kept relative to the running max m:
+    m' = max(m, a_t); s' = exp(m - m') s + exp(a_t - m') x_t; likewise z. Returns (g_t [B, H, D], state').
+    """
+    acc = state.s.dtype
+    a = a_t.to(acc)
+    if mask_t is not None:
+        a = a.masked_fill(~mask_t.bool().unsqueeze(-1), float("-inf"))
+    m_new = torch.maximum(state.m, a)
+    mf = finite_or_zero(m_new)
+    decay, w = torch.exp(state.m - mf), torch.exp(a - mf)  # both <= 1; 0 for -inf
+    s = state.s * decay.unsqueeze(-1) + w.unsqueeze(-1) * x_t.to(acc)
+    z = state.z * decay + w
+    return safe_divide(s, z).to(x_t.dtype), AdditiveState(s, z, m_new)
+
+
+def additive_pool_recurrent(
+    x: Tensor,
+    scores: Tensor,
+    mask: Tensor | None = None,
+    initial_state: AdditiveState | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, AdditiveState | None]:
+    """Same contract as ``additive_pool_parallel``, computed by looping ``additive_pool_step`` over T."""
+    check_inputs(x, scores, mask, initial_state)
+    B, T, H, D = x.shape
+    state = initial_state if initial_state is not None else init_additive_state(B, H, D, x.dtype, x.device)
+    outs = []
+    for t in range(T):
+        g, state = additive_pool_step(x[:, t], scores[:, t], None if mask is None else mask[:, t], state)
+        outs.append(g)
+    out = torch.stack(outs, dim=1) if outs else x.new_zeros(B, 0, H, D)
+    return out, (state if output_final_state else None)
