@@ -1,0 +1,106 @@
+"""Causal multi-headed cross-correlation, one token at a time (decoding).
+
+``correlation_step`` writes the new token into the ring buffers of a ``CorrelationState`` (in place)
+and reads back the J queries, the J x L keys and the L values that position t needs:
+
+    R_t(tau) = sum_{j<J} <q_{t-j}, k_{t-tau-j}> / sqrt(J D)
+    a_t = softmax_tau R_t,   o_t = sum_tau a_t(tau) v_{t-tau}
+
+Cost per token: O(L J D), independent of t.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from attnfree.ops.correlation.state import (
+    CorrelationState,
+    check_inputs,
+    check_lags,
+    check_segment,
+    check_state,
+    init_correlation_state,
+)
+
+
+def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores and weights: float64 stays float64, everything else is normalised in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _write(state: CorrelationState, q_t: Tensor, k_t: Tensor, v_t: Tensor, mask_t: Tensor | None) -> None:
+    """1. Put the token at position state.seen into its slot of every ring (in place)."""
+    t = state.seen
+    state.q[:, t % state.q.shape[1]] = q_t
+    state.k[:, t % state.k.shape[1]] = k_t
+    state.v[:, t % state.v.shape[1]] = v_t
+    state.valid[:, t % state.valid.shape[1]] = True if mask_t is None else mask_t
+
+
+def correlation_step(
+    q_t: Tensor,
+    k_t: Tensor,
+    v_t: Tensor,
+    lags: Tensor,
+    segment: int,
+    mask_t: Tensor | None,
+    state: CorrelationState,
+) -> tuple[Tensor, CorrelationState]:
+    """One position: q_t, k_t, v_t [B, H, D], mask_t [B] bool or None -> (o_t [B, H, D], state).
+
+    The state is updated in place (and returned): its buffers take the new token, seen grows by one.
+    """
+    lag_list = check_lags(lags)
+    check_segment(segment)
+    check_state(state, q_t.shape[0], q_t.shape[1], q_t.shape[2], lag_list[-1], segment)
+    _write(state, q_t, k_t, v_t, mask_t)
+    # 2. absolute positions of the terms: queries t-j, keys t-tau-j, values t-tau
+    t, dev = state.seen, q_t.device
+    lag = lags.to(dev)
+    tq = t - torch.arange(segment, device=dev)  # [J]
+    tk = tq[:, None] - lag[None, :]  # [J, L]
+    tv = t - lag  # [L]
+    cq, ck, cv = state.q.shape[1], state.k.shape[1], state.v.shape[1]
+    # 3. scores: valid terms only (both positions real), summed over the segment
+    keep = state.valid[:, tq % ck][:, :, None] & state.valid[:, tk % ck]  # [B, J, L]
+    prods = torch.einsum("bjhd,bjlhd->bjlh", state.q[:, tq % cq], state.k[:, tk % ck])
+    R = torch.where(keep[..., None], prods, 0.0).sum(1) / math.sqrt(segment * q_t.shape[-1])  # [B, L, H]
+    # 4. softmax over the valid lags (0 when none is valid), then mix the values
+    lag_ok = state.valid[:, tv % ck][..., None]  # [B, L, 1]
+    sdt = softmax_dtype(q_t.dtype)
+    R = R.to(sdt).masked_fill(~lag_ok, torch.finfo(sdt).min)
+    a = (torch.softmax(R, dim=1) * lag_ok).to(v_t.dtype)
+    o_t = torch.einsum("blh,blhd->bhd", a, state.v[:, tv % cv])
+    state.seen = t + 1
+    return o_t, state
+
+
+def correlation_recurrent(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lags: Tensor,
+    segment: int = 4,
+    mask: Tensor | None = None,
+    initial_state: CorrelationState | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, CorrelationState | None]:
+    """Causal cross-correlation by ``correlation_step`` over time: q, k, v [B, T, H, D] -> o [B, T, H, D].
+
+    mask: [B, T] bool (True = real token).  initial_state is not modified (the loop works on a copy).
+    """
+    check_inputs(q, k, v, lags, segment, mask, initial_state)
+    B, T, H, D = q.shape
+    if initial_state is None:
+        state = init_correlation_state(B, H, D, lags, segment, q.dtype, q.device)
+    else:
+        state = initial_state.clone()
+    outs = []
+    for t in range(T):
+        mask_t = None if mask is None else mask[:, t]
+        o_t, state = correlation_step(q[:, t], k[:, t], v[:, t], lags, segment, mask_t, state)
+        outs.append(o_t)
+    return torch.stack(outs, 1), (state if output_final_state else None)

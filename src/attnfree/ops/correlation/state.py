@@ -1,0 +1,215 @@
+"""Lag sets, input checks and the decoding state shared by the three correlation forms.
+
+The state is a set of ring buffers indexed by absolute position: position p lives in slot p % capacity.
+Each capacity counts one slot for the token being consumed, so a decode step writes the new token into
+its slot first and then reads everything it needs from the buffers (no torch.cat per token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class CorrelationState:
+    """Ring buffers of the past that future steps still need; slot of position p is p % capacity.
+
+    q:     [B, J, H, D]          queries at positions seen-J .. seen-1 (the next step needs the last J-1)
+    k:     [B, max(L)+J, H, D]   keys at positions seen-max(L)-J .. seen-1
+    v:     [B, max(L)+1, H, D]   values at positions seen-max(L)-1 .. seen-1
+    valid: [B, max(L)+J] bool    mask of the positions held in ``k`` (a superset of those in q and v);
+                                 positions before the start of the sequence are False
+    seen:  number of tokens consumed so far, i.e. the position of the next token
+
+    Buffers hold the raw inputs (in the input dtype); ``valid`` says which of them count.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    valid: Tensor
+    seen: int
+
+    def clone(self) -> CorrelationState:
+        """A copy whose buffers can be updated in place without touching this one."""
+        return CorrelationState(self.q.clone(), self.k.clone(), self.v.clone(), self.valid.clone(), self.seen)
+
+
+def make_lags(dense: int = 32, max_positions: int = 1024) -> Tensor:
+    """Lag set: dense lags 0..dense-1 plus dilated lags dense * 2**m, all strictly below max_positions.
+
+    make_lags(32, 1024) -> [0, 1, ..., 31, 32, 64, 128, 256, 512]   (37 lags)
+    """
+    if dense < 1:
+        raise ValueError(f"dense must be >= 1, got {dense}")
+    if max_positions < 1:
+        raise ValueError(f"max_positions must be >= 1, got {max_positions}")
+    lags = list(range(min(dense, max_positions)))
+    step = dense
+    while step < max_positions:
+        lags.append(step)
+        step *= 2
+    return torch.tensor(sorted(set(lags)), dtype=torch.long)
+
+
+def check_lags(lags: Tensor) -> list[int]:
+    """Validate a lag set (1-D integer tensor, starts at 0, strictly increasing); return it as a list."""
+    if not isinstance(lags, Tensor) or lags.dim() != 1 or lags.numel() == 0:
+        raise ValueError("lags must be a non-empty 1-D tensor")
+    if lags.dtype.is_floating_point or lags.dtype.is_complex or lags.dtype == torch.bool:
+        raise ValueError(f"lags must be an integer tensor, got {lags.dtype}")
+    values = [int(x) for x in lags.tolist()]
+    if min(values) < 0:
+        raise ValueError(f"lags must be non-negative, got {values}")
+    if values[0] != 0:
+        raise ValueError(f"lags must start at 0, got {values[0]}")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"lags must be sorted and distinct, got {values}")
+    return values
+
+
+def check_segment(segment: int) -> None:
+    """The segment length J is a positive integer."""
+    if isinstance(segment, bool) or not isinstance(segment, int) or segment < 1:
+        raise ValueError(f"segment must be an integer >= 1, got {segment!r}")
+
+
+def capacities(max_lag: int, segment: int) -> tuple[int, int, int]:
+    """Ring sizes (queries, keys and validity, values) for the largest lag and the segment length J."""
+    return segment, max_lag + segment, max_lag + 1
+
+
+def init_correlation_state(
+    batch: int,
+    heads: int,
+    head_dim: int,
+    lags: Tensor,
+    segment: int = 4,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> CorrelationState:
+    """An empty state (nothing seen yet): zero buffers, every position invalid, seen = 0."""
+    check_segment(segment)
+    cq, ck, cv = capacities(check_lags(lags)[-1], segment)
+    return CorrelationState(
+        q=torch.zeros(batch, cq, heads, head_dim, dtype=dtype, device=device),
+        k=torch.zeros(batch, ck, heads, head_dim, dtype=dtype, device=device),
+        v=torch.zeros(batch, cv, heads, head_dim, dtype=dtype, device=device),
+        valid=torch.zeros(batch, ck, dtype=torch.bool, device=device),
+        seen=0,
+    )
+
+
+def check_state(
+    state: CorrelationState, batch: int, heads: int, head_dim: int, max_lag: int, segment: int
+) -> None:
+    """The state's buffers match the batch, heads, head size, lag set and segment length."""
+    cq, ck, cv = capacities(max_lag, segment)
+    expected = {
+        "q": (batch, cq, heads, head_dim),
+        "k": (batch, ck, heads, head_dim),
+        "v": (batch, cv, heads, head_dim),
+        "valid": (batch, ck),
+    }
+    for name, shape in expected.items():
+        got = tuple(getattr(state, name).shape)
+        if got != shape:
+            raise ValueError(f"state.{name} must be {shape} for these inputs, lags and segment, got {got}")
+
+
+def check_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lags: Tensor,
+    segment: int,
+    mask: Tensor | None,
+    state: CorrelationState | None,
+) -> list[int]:
+    """Shapes: q, k, v [B, T, H, D], mask [B, T] bool, state matching; returns the lags as a list."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, D], got shape {tuple(q.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        shapes = ", ".join(str(tuple(x.shape)) for x in (q, k, v))
+        raise ValueError(f"q, k, v must have one shape, got {shapes}")
+    if mask is not None and (mask.shape != q.shape[:2] or mask.dtype != torch.bool):
+        expected = tuple(q.shape[:2])
+        raise ValueError(f"mask must be bool [B, T] = {expected}, got {mask.dtype} {tuple(mask.shape)}")
+    lag_list = check_lags(lags)
+    check_segment(segment)
+    if state is not None:
+        check_state(state, q.shape[0], q.shape[2], q.shape[3], lag_list[-1], segment)
+    return lag_list
+
+
+def _ring_to_window(ring: Tensor, seen: int, length: int) -> Tensor:
+    """Ring [B, C, ...] holding positions seen-C .. seen-1 -> time order, left-padded with zeros to length."""
+    window = torch.roll(ring, shifts=-(seen % ring.shape[1]), dims=1)
+    pad = length - ring.shape[1]
+    return torch.cat([window.new_zeros(window.shape[0], pad, *window.shape[2:]), window], dim=1)
+
+
+def _window_to_ring(window: Tensor, seen: int, capacity: int) -> Tensor:
+    """Time-ordered [B, T, ...] ending at position seen-1 -> ring [B, capacity, ...] (zeros before start)."""
+    window = window[:, -capacity:]
+    pad = capacity - window.shape[1]
+    if pad:
+        window = torch.cat([window.new_zeros(window.shape[0], pad, *window.shape[2:]), window], dim=1)
+    return torch.roll(window, shifts=seen % capacity, dims=1)
+
+
+def state_history(state: CorrelationState) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The state as a time-ordered prefix of max(L)+J positions (seen-max(L)-J .. seen-1).
+
+    Returns q, k, v [B, max(L)+J, H, D] (q and v zero where the state no longer holds them: no output
+    that follows the prefix reads them) and valid [B, max(L)+J] bool.
+    """
+    n = state.k.shape[1]
+    return (
+        _ring_to_window(state.q, state.seen, n),
+        _ring_to_window(state.k, state.seen, n),
+        _ring_to_window(state.v, state.seen, n),
+        _ring_to_window(state.valid, state.seen, n),
+    )
+
+
+def state_from_sequence(
+    q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, max_lag: int, segment: int, seen: int
+) -> CorrelationState:
+    """The state after consuming a whole sequence q, k, v [B, T, H, D] (valid [B, T]) ending at seen-1."""
+    cq, ck, cv = capacities(max_lag, segment)
+    if valid is None:
+        valid = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
+    return CorrelationState(
+        q=_window_to_ring(q, seen, cq),
+        k=_window_to_ring(k, seen, ck),
+        v=_window_to_ring(v, seen, cv),
+        valid=_window_to_ring(valid, seen, ck),
+        seen=seen,
+    )
+
+
+def prepend_history(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: CorrelationState | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, int]:
+    """Continue a sequence: the state's history (max(L)+J positions) followed by q, k, v [B, T, H, D].
+
+    Returns q, k, v, valid (None when nothing is masked) of the extended sequence and the number of
+    history positions in front (0 without a state). Outputs at the history positions are to be dropped.
+    """
+    if state is None:
+        return q, k, v, mask, 0
+    hq, hk, hv, hvalid = state_history(state)
+    if mask is None:
+        mask = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
+    cat = torch.cat
+    return (
+        cat([hq.to(q.dtype), q], 1),
+        cat([hk.to(k.dtype), k], 1),
+        cat([hv.to(v.dtype), v], 1),
+        cat([hvalid, mask], 1),
+        hk.shape[1],
+    )
