@@ -58,7 +58,7 @@ def test_forms_agree(B, T, H, D, dtype):
     compare("recurrent", run(additive_pool_recurrent, x, a, mask, do), ref)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 512])
+@pytest.mark.parametrize("chunk", [1, 2, 7, 64, 512])
 def test_parallel_long_matches_recurrent(chunk):
     """T=500 (naive is too slow there): parallel with several chunk sizes against the recurrent form."""
     x, a, mask = make_inputs(3, 500, 2, 12, torch.float64, scale=5.0)

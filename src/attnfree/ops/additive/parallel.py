@@ -1,18 +1,20 @@
 """Causal additive attention, chunked parallel form (training and prefill).
 
-Time is cut into N chunks of C positions. With a running max m_i (online softmax) every weight is
-exp(a_j - m_i) <= 1, so any score magnitude is safe in float32. Per (batch, head):
+Every position is an *item* (S, Z, r): a sum of values S and of weights Z, both relative to the score r
+(a raw token is (x_j, 1, a_j)). The inclusive scan of items is the state at each position,
 
-1. chunk summaries relative to each chunk's own max r_c:  S_c = sum_{j in c} exp(a_j - r_c) x_j, Z_c likewise
-2. what all earlier chunks carry into chunk c, relative to R_c = max_{c' < c} r_c' (and the initial state):
-   P_c = sum_{c' < c} exp(r_c' - R_c) S_c'     -- an [N, N] lower-triangular matmul, no Python loop
-3. inside chunk c, position i with m_i = max(R_c, max_{j <= i in c} a_j):
-   s_i = sum_{j <= i in c} exp(a_j - m_i) x_j + exp(R_c - m_i) P_c     -- a [C, C] masked matmul
-4. g_i = s_i / z_i (0 where nothing valid was seen yet).
+    m_i = max_{j<=i} r_j,    s_i = sum_{j<=i} exp(r_j - m_i) S_j,    z_i = sum_{j<=i} exp(r_j - m_i) Z_j,
 
-The maxima only pick a reference point that cancels in s_i / z_i, so they are computed from detached
-scores; gradients flow through the exponentials and the values exactly as in the plain formula.
-Cost per (batch, head): O(T C D + (T/C)^2 D) time, O(T C) extra memory.
+and g_i = s_i / z_i. Every exponent is <= 0 (online softmax), so no score magnitude can overflow.
+Time is cut into chunks of C positions, per (batch, head):
+
+1. inside each chunk, a masked [C, C] matmul with weights exp(r_j - m_i) <= 1 (running max within the chunk);
+2. each chunk's last position summarises it as one item; the scan of those T/C items (the same function,
+   recursively) is what earlier chunks carry into each chunk;
+3. combine: rescale both parts to m_i = max(carry max, local max) and add.
+
+Cost O(T C D) with recursion depth log_C(T); no Python loop over time. The maxima come from detached
+scores: they only pick a reference point that cancels in s / z, so gradients are those of the plain formula.
 """
 
 from __future__ import annotations
@@ -23,29 +25,61 @@ from torch import Tensor
 
 from attnfree.ops.additive.state import AdditiveState, check_inputs, finite_or_zero, safe_divide, state_dtype
 
-DEFAULT_CHUNK_SIZE = 64
+DEFAULT_CHUNK_SIZE = 32
 
 
-def _exp_lower(diff: Tensor, strict: bool) -> Tensor:
-    """exp(diff) on the (strictly) lower triangle of the last two dims, 0 elsewhere.
+def _exp_lower(diff: Tensor) -> Tensor:
+    """exp(diff) on the lower triangle (diagonal included) of the last two dims, 0 above.
 
     The upper triangle is set to -inf *before* exp so that neither the value nor the gradient sees an
     overflow there (exp of a large positive entry would give inf, and inf * 0 = NaN in backward).
     """
-    n, k = diff.shape[-2:]
-    keep = torch.ones(n, k, dtype=torch.bool, device=diff.device).tril(-1 if strict else 0)
-    return diff.masked_fill(~keep, float("-inf")).exp()
+    n = diff.shape[-1]
+    upper = torch.ones(n, n, dtype=torch.bool, device=diff.device).triu(1)
+    return diff.masked_fill(upper, float("-inf")).exp()
 
 
-def _to_chunks(x: Tensor, a: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """x [B, T, H, D], a [B, T, H] -> x [B, H, N, C, D], a [B, H, N, C]; pads time with a = -inf, x = 0."""
-    B, T, H, D = x.shape
+def _scan_chunk(S: Tensor, Z: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Inclusive scan inside chunks by one masked matmul. S [..., C, D], Z/r [..., C] -> (s, z, m)."""
+    m = torch.cummax(r.detach(), dim=-1).values  # [..., C]
+    A = _exp_lower(r.unsqueeze(-2) - finite_or_zero(m).unsqueeze(-1))  # [..., C, C]: exp(r_j - m_i), j <= i
+    return A @ S, (A @ Z.unsqueeze(-1)).squeeze(-1), m
+
+
+def _scan(S: Tensor, Z: Tensor, r: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Inclusive scan of items along time. S: [B, H, T, D], Z, r: [B, H, T] -> s, z, m of the same shapes."""
+    T = r.shape[-1]
+    if T <= chunk:
+        return _scan_chunk(S, Z, r)
+    # 1. cut into N chunks (padding items have r = -inf: weight exactly 0)
     pad = (-T) % chunk
     if pad:
-        x = F.pad(x, (0, 0, 0, 0, 0, pad))
-        a = F.pad(a, (0, 0, 0, pad), value=float("-inf"))
+        S, Z = F.pad(S, (0, 0, 0, pad)), F.pad(Z, (0, pad))
+        r = F.pad(r, (0, pad), value=float("-inf"))
     n = (T + pad) // chunk
-    return x.view(B, n, chunk, H, D).permute(0, 3, 1, 2, 4), a.view(B, n, chunk, H).permute(0, 3, 1, 2)
+    s_loc, z_loc, m_loc = _scan_chunk(S.unflatten(-2, (n, chunk)), Z.unflatten(-1, (n, chunk)),
+                                      r.unflatten(-1, (n, chunk)))  # [B, H, N, C, (D)]
+    # 2. scan of the chunk summaries, shifted by one: what chunks 0..c-1 carry into chunk c
+    P, Q, R = _scan(s_loc[..., -1, :], z_loc[..., -1], m_loc[..., -1], chunk)  # [B, H, N, (D)]
+    P, Q = F.pad(P[..., :-1, :], (0, 0, 1, 0)), F.pad(Q[..., :-1], (1, 0))
+    R = F.pad(R[..., :-1], (1, 0), value=float("-inf"))
+    # 3. combine at m_i = max(R_c, local running max)
+    m = torch.maximum(m_loc, R.unsqueeze(-1))  # [B, H, N, C]
+    mf = finite_or_zero(m)
+    e_loc, e_carry = torch.exp(m_loc - mf), torch.exp(R.unsqueeze(-1) - mf)
+    s = e_loc.unsqueeze(-1) * s_loc + e_carry.unsqueeze(-1) * P.unsqueeze(-2)
+    z = e_loc * z_loc + e_carry * Q.unsqueeze(-1)
+    return s.flatten(-3, -2)[..., :T, :], z.flatten(-2)[..., :T], m.flatten(-2)[..., :T]
+
+
+def _merge_state(s: Tensor, z: Tensor, m: Tensor, state: AdditiveState) -> tuple[Tensor, Tensor, Tensor]:
+    """Add a previous state (s0, z0, m0) [B, H, (D)] to every position of s, z, m [B, H, T, (D)]."""
+    m0 = state.m.to(m.dtype).unsqueeze(-1)
+    m_new = torch.maximum(m, m0)
+    mf = finite_or_zero(m_new)
+    e, e0 = torch.exp(m - mf), torch.exp(m0 - mf)
+    s = e.unsqueeze(-1) * s + e0.unsqueeze(-1) * state.s.to(s.dtype).unsqueeze(-2)
+    return s, e * z + e0 * state.z.to(z.dtype).unsqueeze(-1), m_new
 
 
 def additive_pool_parallel(
@@ -63,43 +97,17 @@ def additive_pool_parallel(
     after the last position (accumulated in float32, or float64 for float64 inputs).
     """
     check_inputs(x, scores, mask, initial_state)
-    B, T, H, D = x.shape
     acc = state_dtype(x.dtype)
     a = scores.to(acc)
     if mask is not None:
         a = a.masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
-    xc, ac = _to_chunks(x.to(acc), a, max(1, min(chunk_size, T)))  # [B, H, N, C, D], [B, H, N, C]
-    s0, z0, m0 = initial_state if initial_state is not None else (None, None, None)
-
-    # 1. running max inside each chunk and each chunk's own max (detached: reference points only)
-    m_local = torch.cummax(ac.detach(), dim=-1).values  # [B, H, N, C]
-    r = m_local[..., -1]  # [B, H, N]
-    w = torch.exp(ac - finite_or_zero(r).unsqueeze(-1))  # [B, H, N, C]
-    S = torch.einsum("bhnc,bhncd->bhnd", w, xc)  # [B, H, N, D]
-    Z = w.sum(-1)  # [B, H, N]
-
-    # 2. carry from earlier chunks: R_c = max(m0, r_0 .. r_{c-1}), P_c = sum_{c'<c} exp(r_c' - R_c) S_c'
-    R = torch.cat([torch.full_like(r[..., :1], float("-inf")), torch.cummax(r, dim=-1).values[..., :-1]], -1)
-    if m0 is not None:
-        R = torch.maximum(R, m0.to(acc).unsqueeze(-1))
-    W = _exp_lower(r.unsqueeze(-2) - finite_or_zero(R).unsqueeze(-1), strict=True)  # [B, H, N, N]
-    P, Q = W @ S, (W @ Z.unsqueeze(-1)).squeeze(-1)  # [B, H, N, D], [B, H, N]
-    if m0 is not None and s0 is not None and z0 is not None:
-        e0 = torch.exp(m0.to(acc).unsqueeze(-1) - finite_or_zero(R))  # [B, H, N]
-        P = P + e0.unsqueeze(-1) * s0.to(acc).unsqueeze(-2)
-        Q = Q + e0 * z0.to(acc).unsqueeze(-1)
-
-    # 3. inside each chunk, relative to m_i = max(R_c, running max up to i)
-    m = torch.maximum(m_local, R.unsqueeze(-1))  # [B, H, N, C]
-    mf = finite_or_zero(m)
-    A = _exp_lower(ac.unsqueeze(-2) - mf.unsqueeze(-1), strict=False)  # [B, H, N, C, C]
-    carry = torch.exp(R.unsqueeze(-1) - mf)  # [B, H, N, C]
-    s = A @ xc + carry.unsqueeze(-1) * P.unsqueeze(-2)  # [B, H, N, C, D]
-    z = A.sum(-1) + carry * Q.unsqueeze(-1)  # [B, H, N, C]
-
-    # 4. g = s / z, back to [B, T, H, D]
-    g = safe_divide(s, z).flatten(2, 3)[:, :, :T].transpose(1, 2).to(x.dtype)
-    final = None
-    if output_final_state:  # padded tail positions have a = -inf, so the last slot holds the state at T-1
-        final = AdditiveState(s[:, :, -1, -1], z[:, :, -1, -1], m[:, :, -1, -1])
+    # 1. heads first: S = x [B, H, T, D], Z = 1, r = a [B, H, T]
+    S, r = x.to(acc).transpose(1, 2), a.transpose(1, 2)
+    s, z, m = _scan(S, torch.ones_like(r), r, max(2, chunk_size))  # a chunk of 1 would never shrink T
+    # 2. a previous state (prefill continuing, chunked prefill) enters every position
+    if initial_state is not None:
+        s, z, m = _merge_state(s, z, m, initial_state)
+    # 3. g = s / z (0 where nothing valid was seen), back to [B, T, H, D]
+    g = safe_divide(s, z).transpose(1, 2).to(x.dtype)
+    final = AdditiveState(s[:, :, -1], z[:, :, -1], m[:, :, -1]) if output_final_state else None
     return g, final
