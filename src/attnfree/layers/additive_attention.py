@@ -8,6 +8,12 @@ Per layer, with n = LayerNorm(h) and q, k, v = W_q n, W_k n, W_v n (heads of siz
 5. output        r_i + g^k_i * v_i                                                     ("u_i = k * v_i")
 The earlier design added step 3's residual to n (the normalised input), which drops the raw residual
 stream; ``residual="raw"`` (default) uses h, ``residual="normed"`` reproduces the original.
+
+Recency (``decay``): pooling with a per-head forgetting factor, s_i = e^{-lambda} s_{i-1} + e^{a_i} x_i (and
+z likewise), gives weights e^{a_j - lambda (i - j)}; the e^{-lambda i} cancels between s_i and z_i, so it is
+exactly the plain pooling with scores a_j + lambda j. A position-linear score bias (ALiBi's slopes, Press
+et al. 2022) therefore turns each head into an exponential moving average of its own time scale, with
+the same O(1) state and no change to the op. "fixed" uses slopes 2^(-8h/H); "learned" starts there.
 """
 
 from __future__ import annotations
@@ -21,11 +27,24 @@ from torch import Tensor, nn
 from attnfree.ops.additive import AdditiveState, additive_pool_parallel, additive_pool_step
 
 
+DECAY_MODES = ("none", "fixed", "learned")
+
+
+def alibi_log_slopes(n_heads: int) -> Tensor:
+    """log of ALiBi's geometric slopes 2^(-8 h / H), h = 1..H: time scales from ~2 to ~256 tokens."""
+    return -(8.0 * torch.arange(1, n_heads + 1, dtype=torch.float32) / n_heads) * math.log(2.0)
+
+
 class FastformerAttention(nn.Module):
-    def __init__(self, hidden_size: int, n_heads: int, dropout: float, eps: float, residual: str, chunk: int):
+    def __init__(self, hidden_size: int, n_heads: int, dropout: float, eps: float, residual: str, chunk: int,
+                 decay: str = "none"):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, hidden_size // n_heads
-        self.residual, self.chunk = residual, chunk
+        self.residual, self.chunk, self.decay = residual, chunk, decay
+        if decay == "learned":  # log-slopes per head for the query and key poolings
+            self.log_slopes = nn.Parameter(alibi_log_slopes(n_heads).repeat(2, 1))  # [2, H]
+        elif decay == "fixed":
+            self.register_buffer("log_slopes", alibi_log_slopes(n_heads).repeat(2, 1), persistent=False)
         self.attn_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)  # W_q, W_k, W_v fused
         self.query_score = nn.Parameter(torch.zeros(hidden_size))  # w_q, one D-vector per head
@@ -34,11 +53,21 @@ class FastformerAttention(nn.Module):
         self.mid_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
-    def pool(self, x: Tensor, w: Tensor, mask: Tensor | None, key: str, cache: dict[str, Any] | None) -> Tensor:
-        """Causal additive pooling of x [B, T, C] per head; reads/writes state ``key`` of the cache."""
+    def scores(self, xh: Tensor, w: Tensor, which: int, positions: Tensor) -> Tensor:
+        """a_j = <w_h, x_j> / sqrt(D) (+ lambda_h j with decay). xh: [B, T, H, D], positions: [B, T] -> [B, T, H]."""
+        a = (xh * w.view(self.n_heads, self.head_dim)).sum(-1) / math.sqrt(self.head_dim)
+        if self.decay == "none":
+            return a
+        slopes = self.log_slopes[which].float().exp()  # [H]
+        return a.float() + positions.unsqueeze(-1).float() * slopes
+
+    def pool(self, x: Tensor, which: int, positions: Tensor, mask: Tensor | None,
+             cache: dict[str, Any] | None) -> Tensor:
+        """Causal additive pooling of x [B, T, C] per head (which: 0 = query pool, 1 = key pool)."""
         B, T, C = x.shape
+        key = ("query", "key")[which]
         xh = x.view(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
-        scores = (xh * w.view(self.n_heads, self.head_dim)).sum(-1) / math.sqrt(self.head_dim)  # [B, T, H]
+        scores = self.scores(xh, (self.query_score, self.key_score)[which], which, positions)  # [B, T, H]
         state = cache.get(key) if cache is not None else None
         new_state: AdditiveState | None
         if state is not None and T == 1:  # decoding: O(1) recurrent step
@@ -50,11 +79,13 @@ class FastformerAttention(nn.Module):
             cache[key] = new_state
         return g.reshape(B, T, C)
 
-    def forward(self, h: Tensor, mask: Tensor | None, cache: dict[str, Any] | None = None) -> Tensor:
-        """h: [B, T, C] -> [B, T, C] (residuals included). mask: [B, T] bool, True = real token."""
+    def forward(self, h: Tensor, positions: Tensor, mask: Tensor | None,
+                cache: dict[str, Any] | None = None) -> Tensor:
+        """h: [B, T, C] -> [B, T, C] (residuals included). positions: [B, T] long (real-token index),
+        mask: [B, T] bool, True = real token."""
         n = self.attn_norm(h)
         q, k, v = self.qkv(n).chunk(3, dim=-1)  # [B, T, C] each
-        g_q = self.out_proj(self.dropout(self.pool(q, self.query_score, mask, "query", cache)))
+        g_q = self.out_proj(self.dropout(self.pool(q, 0, positions, mask, cache)))
         r = (h if self.residual == "raw" else n) + g_q * k
-        g_k = self.dropout(self.pool(self.mid_norm(r), self.key_score, mask, "key", cache))
+        g_k = self.dropout(self.pool(self.mid_norm(r), 1, positions, mask, cache))
         return r + g_k * v

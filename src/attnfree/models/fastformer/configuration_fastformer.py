@@ -15,6 +15,7 @@ from attnfree.models.validation import (
 
 POSITION_EMBEDDING_TYPES = ("learned", "none")
 RESIDUAL_MODES = ("raw", "normed")
+DECAY_MODES = ("none", "fixed", "learned")
 
 
 @strict
@@ -39,6 +40,8 @@ class FastformerConfig(PreTrainedConfig):
         position_embedding_type: "learned" (as in the design) or "none" (no length limit when decoding).
         residual: "raw" keeps the raw residual stream through the attention block (our fix);
             "normed" reproduces the earlier design, whose block output was built on the layer-normed input.
+        decay: per-head recency of the additive pooling: "none" (the design: a plain causal mean),
+            "fixed" (ALiBi slopes as a score bias lambda_h * position) or "learned" (slopes trained from there).
         ffn_multiplier: width of the feed-forward layer as a multiple of hidden_size.
         layer_norm_eps: epsilon of every LayerNorm.
         pool_chunk_size: chunk length C of the parallel additive-attention form (speed/memory only).
@@ -59,9 +62,10 @@ class FastformerConfig(PreTrainedConfig):
     hidden_dropout_prob: float = 0.1
     position_embedding_type: str = "learned"
     residual: str = "raw"
+    decay: str = "none"
     ffn_multiplier: int = 4
     layer_norm_eps: float = 1e-5
-    pool_chunk_size: int = 64
+    pool_chunk_size: int = 32
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 1
@@ -85,6 +89,7 @@ class FastformerConfig(PreTrainedConfig):
         check_probability(self, "hidden_dropout_prob", "label_smoothing")
         check_choice(self, "position_embedding_type", POSITION_EMBEDDING_TYPES)
         check_choice(self, "residual", RESIDUAL_MODES)
+        check_choice(self, "decay", DECAY_MODES)
         check_token_ids(self, "pad_token_id", "bos_token_id", "eos_token_id")
         if not self.initializer_range > 0:
             raise ValueError(f"FastformerConfig.initializer_range must be > 0, got {self.initializer_range!r}")

@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from attnfree.cache import RecurrentCache
-from attnfree.layers.additive_attention import FastformerAttention
+from attnfree.layers.additive_attention import FastformerAttention, alibi_log_slopes
 from attnfree.layers.conv import CausalConvolution
 from attnfree.layers.ffn import FeedForward
 from attnfree.models.common import (
@@ -40,13 +40,14 @@ class FastformerLayer(GradientCheckpointingLayer):
         self.conv = (CausalConvolution(c.hidden_size, c.kernel_size, c.groups, c.hidden_dropout_prob, c.layer_norm_eps)
                      if c.convolve else None)
         self.attention = FastformerAttention(c.hidden_size, c.n_heads, c.hidden_dropout_prob, c.layer_norm_eps,
-                                             c.residual, c.pool_chunk_size)
+                                             c.residual, c.pool_chunk_size, c.decay)
         self.ffn = FeedForward(c.hidden_size, c.ffn_multiplier, "gelu", c.hidden_dropout_prob, c.layer_norm_eps)
 
-    def forward(self, h: Tensor, mask: Tensor | None = None, cache: dict[str, Any] | None = None) -> Tensor:
+    def forward(self, h: Tensor, positions: Tensor, mask: Tensor | None = None,
+                cache: dict[str, Any] | None = None) -> Tensor:
         if self.conv is not None:
             h = h + self.conv(h, mask, cache)
-        h = self.attention(h, mask, cache)
+        h = self.attention(h, positions, mask, cache)
         return h + self.ffn(h)
 
 
@@ -73,6 +74,8 @@ class FastformerPreTrainedModel(PreTrainedModel):
         elif isinstance(module, FastformerAttention):
             module.query_score.zero_()
             module.key_score.zero_()
+            if module.decay == "learned":
+                module.log_slopes.copy_(alibi_log_slopes(module.n_heads).repeat(2, 1))
         elif isinstance(module, nn.LayerNorm):
             module.weight.fill_(1.0)
             module.bias.zero_()
@@ -144,7 +147,7 @@ class FastformerModel(FastformerPreTrainedModel):
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden_states.append(h)
-            h = layer(h, mask, cache.layers[i] if cache is not None else None)
+            h = layer(h, position_ids, mask, cache.layers[i] if cache is not None else None)
         h = self.final_norm(h)
         if output_hidden_states:
             hidden_states.append(h)
