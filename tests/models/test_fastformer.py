@@ -216,7 +216,8 @@ def test_invalid_config_names_the_field(field, value):
 NON_DEFAULT = {  # every field, a non-default value
     "hidden_size": 30, "vocab_size": 41, "n_positions": 32, "n_heads": 2, "convolve": True, "groups": 3,
     "kernel_size": 2, "num_hidden_layers": 3, "label_smoothing": 0.1, "initializer_range": 0.5,
-    "hidden_dropout_prob": 0.3, "position_embedding_type": "none", "residual": "normed", "decay": "fixed", "ffn_multiplier": 2,
+    "hidden_dropout_prob": 0.3, "position_embedding_type": "none", "residual": "normed", "decay": "fixed",
+    "scale_logits": False, "ffn_multiplier": 2,
     "layer_norm_eps": 1e-2, "pool_chunk_size": 4, "pad_token_id": 3, "bos_token_id": 4, "eos_token_id": 5,
     "use_cache": False, "tie_word_embeddings": False,
 }

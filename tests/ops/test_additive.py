@@ -8,6 +8,7 @@ from attnfree.ops.additive import (
     additive_pool_naive,
     additive_pool_parallel,
     additive_pool_recurrent,
+    additive_pool_step_,
     init_additive_state,
 )
 from attnfree.testing import assert_close
@@ -141,3 +142,13 @@ def test_bad_shapes_raise():
         additive_pool_parallel(x, torch.randn(2, 5, 2), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="state"):
         additive_pool_parallel(x, torch.randn(2, 5, 2), None, init_additive_state(2, 2, 4))
+
+
+def test_in_place_step_matches_step():
+    x, a, _ = make_inputs(3, 12, 2, 5, torch.float64, left_pad=False)
+    state = init_additive_state(3, 2, 5, torch.float64)
+    ref, _ = additive_pool_recurrent(x, a)
+    ptrs = [t.data_ptr() for t in state]
+    outs = [additive_pool_step_(x[:, t], a[:, t], state) for t in range(12)]
+    assert_close("in-place steps", torch.stack(outs, 1), ref)
+    assert [t.data_ptr() for t in state] == ptrs  # no re-allocation of the state

@@ -24,8 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnfree.ops.additive import AdditiveState, additive_pool_parallel, additive_pool_step
-
+from attnfree.ops.additive import AdditiveState, additive_pool_parallel, additive_pool_step, additive_pool_step_
 
 DECAY_MODES = ("none", "fixed", "learned")
 
@@ -70,7 +69,9 @@ class FastformerAttention(nn.Module):
         scores = self.scores(xh, (self.query_score, self.key_score)[which], which, positions)  # [B, T, H]
         state = cache.get(key) if cache is not None else None
         new_state: AdditiveState | None
-        if state is not None and T == 1:  # decoding: O(1) recurrent step
+        if state is not None and T == 1 and mask is None and not torch.is_grad_enabled():
+            g, new_state = additive_pool_step_(xh[:, 0], scores[:, 0], state).unsqueeze(1), state  # in place
+        elif state is not None and T == 1:  # decoding: O(1) recurrent step
             g, new_state = additive_pool_step(xh[:, 0], scores[:, 0], None if mask is None else mask[:, 0], state)
             g = g.unsqueeze(1)
         else:  # training / prefill (continuing from a state if there is one)

@@ -55,7 +55,7 @@ def causal_conv1d(
     else:
         padded = torch.cat([initial_state.to(x.dtype), xt], dim=-1)  # [B, C, K-1+T]
     y = F.conv1d(padded, weight.to(x.dtype), groups=groups)  # [B, C, T]
-    return y.transpose(1, 2), padded[:, :, padded.shape[-1] - (K - 1) :]
+    return y.transpose(1, 2), padded[:, :, padded.shape[-1] - (K - 1) :].clone()  # not a view of the prefill
 
 
 def causal_conv1d_step(

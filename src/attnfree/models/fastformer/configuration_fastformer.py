@@ -42,6 +42,7 @@ class FastformerConfig(PreTrainedConfig):
             "normed" reproduces the earlier design, whose block output was built on the layer-normed input.
         decay: per-head recency of the additive pooling: "none" (the design: a plain causal mean),
             "fixed" (ALiBi slopes as a score bias lambda_h * position) or "learned" (slopes trained from there).
+        scale_logits: divide the logits by sqrt(hidden_size), as the earlier design did.
         ffn_multiplier: width of the feed-forward layer as a multiple of hidden_size.
         layer_norm_eps: epsilon of every LayerNorm.
         pool_chunk_size: chunk length C of the parallel additive-attention form (speed/memory only).
@@ -63,6 +64,7 @@ class FastformerConfig(PreTrainedConfig):
     position_embedding_type: str = "learned"
     residual: str = "raw"
     decay: str = "none"
+    scale_logits: bool = True
     ffn_multiplier: int = 4
     layer_norm_eps: float = 1e-5
     pool_chunk_size: int = 32

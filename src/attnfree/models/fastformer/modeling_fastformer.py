@@ -170,7 +170,7 @@ class FastformerForCausalLM(RecurrentGenerationMixin, FastformerPreTrainedModel,
         super().__init__(config)
         self.model = FastformerModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
-        self.logit_scale = 1.0 / math.sqrt(config.hidden_size)
+        self.logit_scale = 1.0 / math.sqrt(config.hidden_size) if config.scale_logits else 1.0
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

@@ -15,7 +15,7 @@ exponent is ever positive and no score magnitude can overflow.
 
 from attnfree.ops.additive.naive import additive_pool_naive
 from attnfree.ops.additive.parallel import additive_pool_parallel
-from attnfree.ops.additive.recurrent import additive_pool_recurrent, additive_pool_step
+from attnfree.ops.additive.recurrent import additive_pool_recurrent, additive_pool_step, additive_pool_step_
 from attnfree.ops.additive.state import AdditiveState, init_additive_state
 
 ADDITIVE_POOL_IMPLS = {
@@ -31,5 +31,6 @@ __all__ = [
     "additive_pool_parallel",
     "additive_pool_recurrent",
     "additive_pool_step",
+    "additive_pool_step_",
     "init_additive_state",
 ]

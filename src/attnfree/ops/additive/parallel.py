@@ -109,5 +109,6 @@ def additive_pool_parallel(
         s, z, m = _merge_state(s, z, m, initial_state)
     # 3. g = s / z (0 where nothing valid was seen), back to [B, T, H, D]
     g = safe_divide(s, z).transpose(1, 2).to(x.dtype)
-    final = AdditiveState(s[:, :, -1], z[:, :, -1], m[:, :, -1]) if output_final_state else None
+    # (cloned: a view would keep the whole [B, H, T, D] prefill alive in the decoding cache)
+    final = AdditiveState(s[:, :, -1].clone(), z[:, :, -1].clone(), m[:, :, -1].clone()) if output_final_state else None
     return g, final

@@ -34,6 +34,21 @@ def additive_pool_step(
     return safe_divide(s, z).to(x_t.dtype), AdditiveState(s, z, m_new)
 
 
+@torch.no_grad()
+def additive_pool_step_(x_t: Tensor, a_t: Tensor, state: AdditiveState) -> Tensor:
+    """In-place decoding step (no autograd, no allocation of state): same math as ``additive_pool_step``
+    for a real token, writing s', z', m' into ``state``'s own tensors. x_t: [B, H, D], a_t: [B, H]."""
+    s, z, m = state
+    a = a_t.to(s.dtype)
+    m_new = torch.maximum(m, a)
+    mf = finite_or_zero(m_new)
+    decay, w = torch.exp(m - mf), torch.exp(a - mf)
+    s.mul_(decay.unsqueeze(-1)).add_(w.unsqueeze(-1) * x_t.to(s.dtype))
+    z.mul_(decay).add_(w)
+    m.copy_(m_new)
+    return safe_divide(s, z).to(x_t.dtype)
+
+
 def additive_pool_recurrent(
     x: Tensor,
     scores: Tensor,

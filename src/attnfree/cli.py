@@ -1,0 +1,268 @@
+"""``attnfree train|eval|generate|compare``: thin argparse wrappers over the Python API.
+
+Every ``TrainSettings`` field is a ``train`` flag (``hidden_size`` -> ``--hidden-size``), generated from the
+dataclass so the two never drift apart. The same ``train`` command runs on several processes unchanged:
+``torchrun --nproc_per_node 2 -m attnfree.cli train ...`` or ``accelerate launch --multi_gpu --num_processes 2
+-m attnfree.cli train ...`` (gloo on CPU; accelerate's ``--cpu`` with several processes needs mpirun instead).
+Bad input (ValueError, FileNotFoundError) prints ``attnfree: error: <one line>`` and exits with status 2,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from attnfree.models.registry import MODELS, parse_assignments, split_model_list
+from attnfree.training import RECIPES, TrainSettings
+
+# ----------------------------------------------------------------------------------------------
+# TrainSettings <-> flags
+# ----------------------------------------------------------------------------------------------
+
+
+def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "null", "") else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def _resume(text: str) -> bool | str:
+    lowered = text.strip().lower()
+    return {"true": True, "false": False}.get(lowered, text)
+
+
+# annotation (as written in TrainSettings) -> argparse keyword arguments
+_FLAG_KINDS: dict[str, dict[str, Any]] = {
+    "str": {"type": str},
+    "int": {"type": int},
+    "float": {"type": float},
+    "bool": {"action": argparse.BooleanOptionalAction},
+    "int | None": {"type": _optional(int)},
+    "float | None": {"type": _optional(float)},
+    "str | None": {"type": _optional(str)},
+    "tuple[float, float]": {"type": float, "nargs": 2, "metavar": ("BETA1", "BETA2")},
+    "list[str]": {"type": lambda text: [t for t in text.split(",") if t]},
+    "bool | str": {"type": _resume, "nargs": "?", "const": True, "metavar": "CHECKPOINT"},
+}
+
+# dict fields take repeatable KEY=VALUE flags under their own names
+_DICT_FLAGS = {"model_overrides": "--model-override", "extra_training_args": "--training-arg"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``TrainSettings`` field; defaults are SUPPRESSed so only given flags override."""
+    group = parser.add_argument_group("training settings (override the recipe / --config)")
+    for f in dataclasses.fields(TrainSettings):
+        default = TrainSettings.__dataclass_fields__[f.name]
+        shown = default.default if default.default is not dataclasses.MISSING else "{}" if "dict" in str(
+            f.type) else "[]"
+        help_text = f"{f.metadata['help']} (default: {shown})"
+        if f.name in _DICT_FLAGS:
+            group.add_argument(_DICT_FLAGS[f.name], dest=f.name, action="append", metavar="KEY=VALUE",
+                               default=argparse.SUPPRESS, help=help_text + "; repeatable")
+            continue
+        kind = _FLAG_KINDS[str(f.type)]
+        group.add_argument(_flag(f.name), dest=f.name, default=argparse.SUPPRESS, help=help_text, **kind)
+
+
+def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
+    """Recipe (or defaults), then ``--config`` file, then the flags given."""
+    if ns.recipe is not None and ns.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {ns.recipe!r}; valid: {', '.join(RECIPES)}")
+    base = RECIPES[ns.recipe] if ns.recipe else TrainSettings()
+    if ns.config:
+        base = base.replace(**_config_file(ns.config))
+    given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainSettings) if hasattr(ns, f.name)}
+    for name, flag in _DICT_FLAGS.items():
+        if name in given:
+            given[name] = {**getattr(base, name), **parse_assignments(given[name], what=flag)}
+    return base.replace(**given)
+
+
+def _config_file(path: str) -> dict[str, Any]:
+    """Settings from a JSON file: a ``TrainSettings`` dict, or a ``run.json`` (its ``settings``)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {file} not found")
+    try:
+        values = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config file {file} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    values = values.get("settings", values) if isinstance(values, dict) else values
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {file} must hold a JSON object")
+    return TrainSettings.from_dict(values).to_dict()
+
+
+# ----------------------------------------------------------------------------------------------
+# Subcommands
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from attnfree.training import train
+
+    settings = settings_from_args(ns)
+    result = train(settings)
+    _end_distributed()  # on success only: a failed rank exits at once and the launcher stops the others
+    if ns.json and _is_main_process():
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+    return 0
+
+
+def _end_distributed() -> None:
+    """Tear down the process group torchrun / accelerate launch made (avoids a warning at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still talks to it (gloo aborts otherwise)
+        dist.destroy_process_group()
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from attnfree.training import evaluate_checkpoint
+
+    result = evaluate_checkpoint(ns.checkpoint, ns.data, data_dir=ns.data_dir, block_size=ns.block_size,
+                                 stride=ns.stride, batch_size=ns.batch_size, bos=ns.bos)
+    if ns.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+        return 0
+    print(f"bpc:           {result.bpc:.4f}")
+    print(f"nats/char:     {result.nats_per_char:.4f}")
+    print(f"loss/token:    {result.loss_per_token:.4f}")
+    print(f"perplexity:    {result.perplexity:.3f}")
+    print(f"protocol:      {result.protocol}")
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from attnfree.training import TokenStreamer, generate_text, load_checkpoint
+
+    model, tokenizer = load_checkpoint(ns.checkpoint)
+    streamer = TokenStreamer(tokenizer) if ns.stream else None
+    text = generate_text(model, tokenizer, ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                         top_k=ns.top_k, top_p=ns.top_p, greedy=ns.greedy, seed=ns.seed, streamer=streamer)
+    if streamer is None:
+        print(ns.prompt + text)
+    return 0
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from attnfree.compare import compare
+
+    settings = settings_from_args(ns)
+    models = split_model_list(ns.models)
+    result = compare(settings, models, output_dir=settings.output_dir, prompt=ns.prompt,
+                     sample_tokens=ns.sample_tokens)
+    print(result.table)
+    print(f"\nwrote {result.output_dir / 'results.md'}")
+    return 0
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+# ----------------------------------------------------------------------------------------------
+# Parser
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default=None, help=f"start from a named recipe: {', '.join(RECIPES)}")
+    parser.add_argument("--config", default=None, metavar="JSON",
+                        help="start from settings in a JSON file (a TrainSettings dict or a run.json)")
+
+
+def _train_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train one model", description="Train one model through transformers.Trainer; "
+                       "writes checkpoints, the model, its tokenizer and run.json into --output-dir.")
+    _add_recipe_flags(p)
+    p.add_argument("--json", action="store_true", help="print the run result as JSON at the end")
+    add_settings_flags(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _eval_parser(sub: Any) -> None:
+    p = sub.add_parser("eval", help="bits per character of a checkpoint", description="Score a checkpoint on the "
+                       "whole validation split: BPC, nats/char, loss/token, perplexity.")
+    p.add_argument("checkpoint", help="a run folder or one of its checkpoint-N folders")
+    p.add_argument("--data", required=True, help="corpus spec (as for train)")
+    p.add_argument("--data-dir", default=None, help="the data bundle folder")
+    p.add_argument("--block-size", type=int, default=None, help="window length (default: the run's block size)")
+    p.add_argument("--stride", type=int, default=None, help="window stride (default: block size, non-overlapping)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per batch (default: 16)")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
+                   help="prepend BOS so the first token is scored (default: on)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_eval)
+
+
+def _generate_parser(sub: Any) -> None:
+    p = sub.add_parser("generate", help="sample text from a checkpoint",
+                       description="Continue a prompt, streaming tokens to the terminal as they are produced.")
+    p.add_argument("checkpoint", help="a run folder or one of its checkpoint-N folders")
+    p.add_argument("--prompt", default="", help="text to continue (default: start from BOS)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--greedy", action="store_true", help="pick the most likely token (no sampling)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="print tokens as they come (default: on)")
+    p.set_defaults(func=cmd_generate)
+
+
+def _compare_parser(sub: Any) -> None:
+    p = sub.add_parser("compare", help="train several models alike and tabulate them",
+                       description="Train each model on the same data, tokenizer, seed and budget (each in its own "
+                       "process), then write results.md, results.json and BPC plots into --output-dir.")
+    _add_recipe_flags(p)
+    p.add_argument("--models", default="fastformer,fastformer-conv,gpt2",
+                   help=f"comma-separated model specs (registered: {', '.join(sorted(MODELS))}); "
+                   "overrides ride along: 'fastformer:residual=normed,kernel_size=8,gpt2'")
+    p.add_argument("--prompt", default="ROMEO:", help="prompt of the generated samples (default: 'ROMEO:')")
+    p.add_argument("--sample-tokens", type=int, default=200, help="tokens per generated sample (default: 200)")
+    add_settings_flags(p)
+    p.set_defaults(func=cmd_compare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnfree", description="Attention-free causal language models: "
+                                     "train, evaluate, sample and compare.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _eval_parser, _generate_parser, _compare_parser):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``attnfree`` console script."""
+    ns = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars; training progress uses tqdm directly
+    try:
+        return int(ns.func(ns))
+    except (ValueError, FileNotFoundError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"attnfree: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""A lean decoding loop: prefill once, then one forward of one token per step, sampling in place.
+
+``model.generate`` works too (and does beam search, stopping criteria, ...); this loop exists because
+it is small enough to read, streams tokens as they come (for the CLI and the server), and has no
+per-step overhead beyond the model's own step: the recurrent state is updated in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnfree.cache import RecurrentCache
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick the next token. greedy=True ignores the rest."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def pick_next(logits: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
+    """logits: [B, V] -> next token ids [B] (greedy, or temperature / top-k / top-p sampling)."""
+    if sampling.greedy:
+        return logits.argmax(-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > sampling.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def stream_generate(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    sampling: Sampling | None = None,
+    attention_mask: Tensor | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[Tensor]:
+    """Yield the next token ids [B] one step at a time, for one of our recurrent models.
+
+    input_ids: [B, T] (left-padded with attention_mask for a batch of different lengths). Stops after
+    ``max_new_tokens`` or when every sequence has produced ``eos_token_id``.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    sampling = sampling or Sampling()
+    model.eval()
+    # 1. prefill the whole prompt in parallel; keep only the last position's logits
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    if not isinstance(cache, RecurrentCache):
+        raise TypeError(f"stream_generate needs a model with a RecurrentCache, got {type(cache).__name__}")
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        # 2. pick, yield, and feed back one token: the cache carries all the context
+        token = pick_next(out.logits[:, -1], sampling, generator)
+        yield token
+        if eos_token_id is not None:
+            done |= token == eos_token_id
+            if bool(done.all()):
+                return
+        out = model(input_ids=token.unsqueeze(-1), past_key_values=cache, use_cache=True)

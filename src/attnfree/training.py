@@ -1,0 +1,752 @@
+"""Training through ``transformers.Trainer``: settings, recipes, callbacks, checkpoints, resume, and the
+``run.json`` every run leaves behind; plus loading, scoring and sampling a trained checkpoint.
+
+One call, ``train(TrainSettings(...))``, does everything in order:
+
+1. validate the settings (``TrainSettings.__post_init__``) and build ``TrainingArguments``;
+2. load the corpus, build the tokenizer (saved into the run folder), tokenize (cached);
+3. build the model (seeded) and check that ``block_size`` fits its positions;
+4. make ``max_steps * batch * accum * world`` random windows whose item i depends only on (seed, i), and
+   feed them in order (no reshuffling): resumed, 1-process and N-process runs see the same global batches;
+5. train, with callbacks for a clock that excludes evaluation and checkpoint time, periodic validation
+   BPC, a wall-clock budget and the tokenizer copied into every checkpoint;
+6. score the whole validation split, save model (safetensors), tokenizer and ``run.json``.
+
+Every bad input fails in steps 1-4, before the first training step, with a one-line ValueError or
+FileNotFoundError. Only the main process (rank 0) writes files or evaluates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence, Sized
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch.utils.data import SequentialSampler
+from transformers import (
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.generation.streamers import BaseStreamer
+from transformers.trainer_utils import get_last_checkpoint
+
+from attnfree.data import (
+    Corpus,
+    RandomWindowDataset,
+    TextTokenizer,
+    load_corpus,
+    load_saved_tokenizer,
+    load_tokenizer,
+    tokenize_cached,
+)
+from attnfree.metrics import EvalResult, evaluate_bpc
+from attnfree.models.baselines import count_parameters
+from attnfree.models.registry import ModelSize, build_model, max_positions, parse_model_spec
+
+RUN_FILE = "run.json"
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSettings:
+    """Everything one training run needs. Each field's ``metadata["help"]`` is its documentation (and
+    its ``--help`` text in the CLI). Invalid values raise ValueError naming the field."""
+
+    # model
+    model: str = field(default="fastformer", metadata=_doc(
+        "model name from attnfree.models.registry.MODELS, optionally with overrides: 'fastformer:residual=normed'"))
+    model_overrides: dict[str, Any] = field(default_factory=dict, metadata=_doc(
+        "extra config fields for the model (e.g. {'kernel_size': 8}); applied after the spec's own"))
+    hidden_size: int = field(default=128, metadata=_doc("model width C"))
+    n_heads: int = field(default=4, metadata=_doc("heads H (hidden_size must be divisible by it)"))
+    num_layers: int = field(default=4, metadata=_doc("layers (fastformer-conv uses one fewer)"))
+    n_positions: int | None = field(default=None, metadata=_doc(
+        "longest sequence the model accepts (learned positions); None: equal to block_size"))
+    dropout: float = field(default=0.0, metadata=_doc("dropout probability in [0, 1)"))
+    # data
+    data: str = field(default="tinyshakespeare", metadata=_doc(
+        "corpus: a preset (tinyshakespeare, wikitext2-offline, shakespeare), a text file, "
+        "'train.txt,valid.txt', a folder of .txt, or a Hugging Face dataset name"))
+    data_dir: str | None = field(default=None, metadata=_doc(
+        "the data bundle folder for presets and the gpt2 tokenizer (None: $ATTNFREE_DATA or ../shared/data)"))
+    tokenizer: str = field(default="byte", metadata=_doc(
+        "byte, gpt2, bpe:N (trained on the training split), or a saved tokenizer folder"))
+    block_size: int = field(default=64, metadata=_doc("training sequence length T in tokens"))
+    # optimisation
+    batch_size: int = field(default=12, metadata=_doc(
+        "sequences per device per micro-batch (global batch = batch_size * grad_accum * processes)"))
+    grad_accum: int = field(default=1, metadata=_doc("gradient accumulation steps per optimizer step"))
+    max_steps: int = field(default=2000, metadata=_doc("optimizer steps (also the length of the LR schedule)"))
+    max_seconds: float | None = field(default=None, metadata=_doc(
+        "wall-clock budget in seconds of training (evaluation and checkpoint time excluded); stops cleanly"))
+    lr: float = field(default=1e-3, metadata=_doc("peak learning rate (AdamW)"))
+    weight_decay: float = field(default=0.01, metadata=_doc("AdamW weight decay (not on biases and norms)"))
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_doc("AdamW betas"))
+    warmup_steps: int = field(default=0, metadata=_doc("linear warm-up steps"))
+    lr_scheduler: str = field(default="linear", metadata=_doc(
+        "transformers scheduler name: linear, cosine, constant, constant_with_warmup, ..."))
+    max_grad_norm: float = field(default=1.0, metadata=_doc("gradient clipping norm (0 disables)"))
+    # evaluation
+    eval_every: int = field(default=0, metadata=_doc("validation BPC every this many steps (0: only at the end)"))
+    eval_stride: int | None = field(default=None, metadata=_doc(
+        "evaluation window stride in tokens (None: block_size, i.e. non-overlapping blocks)"))
+    eval_batch_size: int = field(default=16, metadata=_doc("windows per evaluation batch"))
+    eval_max_chars: int | None = field(default=None, metadata=_doc(
+        "score only the first N characters of the validation split in periodic evals (the final eval "
+        "always scores the whole split)"))
+    eval_bos: bool = field(default=True, metadata=_doc("prepend BOS so the first validation token is scored"))
+    # run
+    seed: int = field(default=0, metadata=_doc("seed for weights, data windows and dropout"))
+    output_dir: str = field(default="runs/train", metadata=_doc("run folder: checkpoints, model, run.json"))
+    resume: bool | str = field(default=False, metadata=_doc(
+        "True: continue from the last checkpoint in output_dir (fresh start if none); or a checkpoint path"))
+    save_every: int = field(default=0, metadata=_doc("checkpoint every this many steps (0: no checkpoints)"))
+    log_every: int = field(default=10, metadata=_doc("log the training loss every this many steps"))
+    report_to: list[str] = field(default_factory=list, metadata=_doc(
+        "experiment trackers: tensorboard, wandb, mlflow, ... (when installed); empty: none"))
+    bf16: bool = field(default=False, metadata=_doc("bfloat16 mixed precision"))
+    threads: int | None = field(default=None, metadata=_doc(
+        "torch CPU threads for this process (None: torch's default); sets torch.set_num_threads"))
+    progress: bool = field(default=True, metadata=_doc("show progress bars"))
+    extra_training_args: dict[str, Any] = field(default_factory=dict, metadata=_doc(
+        "any other transformers.TrainingArguments field, passed through (e.g. {'save_total_limit': 2})"))
+
+    def __post_init__(self) -> None:
+        self.betas = (float(self.betas[0]), float(self.betas[1])) if len(self.betas) == 2 else self.betas
+        self.report_to = list(self.report_to)
+        _validate(self)
+
+    @property
+    def positions(self) -> int:
+        """The model's n_positions: the explicit value, else block_size."""
+        return self.n_positions if self.n_positions is not None else self.block_size
+
+    @property
+    def size(self) -> ModelSize:
+        return ModelSize(self.hidden_size, self.n_heads, self.num_layers, self.positions, self.dropout)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainSettings:
+        """Inverse of ``to_dict`` (JSON lists become tuples where needed); unknown keys are a ValueError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainSettings field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainSettings:
+        return dataclasses.replace(self, **changes)
+
+
+def _fail(name: str, why: str, value: Any) -> None:
+    raise ValueError(f"TrainSettings.{name} {why}, got {value!r}")
+
+
+def _check_ints(s: TrainSettings, names: Sequence[str], minimum: int, optional: bool = False) -> None:
+    for name in names:
+        value = getattr(s, name)
+        if optional and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            _fail(name, f"must be an integer >= {minimum}" + (" or None" if optional else ""), value)
+
+
+def _check_training_args(extra: dict[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for key in extra:
+        if key in _OWNED_ARGS:
+            _fail("extra_training_args", f"must not set {key!r}: set TrainSettings.{_OWNED_ARGS[key]} instead", key)
+        if key not in known:
+            _fail("extra_training_args", "holds a key that is not a TrainingArguments field", key)
+
+
+def _validate(s: TrainSettings) -> None:
+    """Every check that needs no file or model: one ValueError naming the first bad field."""
+    parse_model_spec(s.model)  # unknown name or malformed overrides
+    _check_ints(s, ("hidden_size", "n_heads", "num_layers", "block_size", "batch_size", "grad_accum",
+                    "max_steps", "eval_batch_size", "log_every"), 1)
+    _check_ints(s, ("warmup_steps", "eval_every", "save_every"), 0)
+    _check_ints(s, ("n_positions", "eval_stride", "eval_max_chars", "threads"), 1, optional=True)
+    if s.hidden_size % s.n_heads:
+        _fail("hidden_size", f"must be divisible by n_heads={s.n_heads}", s.hidden_size)
+    if s.block_size > s.positions:
+        _fail("block_size", f"exceeds the model's n_positions={s.positions}", s.block_size)
+    if s.eval_stride is not None and s.eval_stride > s.block_size:
+        _fail("eval_stride", f"must be <= block_size={s.block_size}", s.eval_stride)
+    if not 0.0 <= s.dropout < 1.0:
+        _fail("dropout", "must be in [0, 1)", s.dropout)
+    if not s.lr > 0:
+        _fail("lr", "must be > 0", s.lr)
+    if not s.weight_decay >= 0 or not s.max_grad_norm >= 0:
+        _fail("weight_decay" if not s.weight_decay >= 0 else "max_grad_norm", "must be >= 0",
+              min(s.weight_decay, s.max_grad_norm))
+    if len(s.betas) != 2 or not all(0.0 <= b < 1.0 for b in s.betas):
+        _fail("betas", "must be two numbers in [0, 1)", s.betas)
+    if s.max_seconds is not None and not s.max_seconds > 0:
+        _fail("max_seconds", "must be > 0 or None", s.max_seconds)
+    if not isinstance(s.resume, (bool, str)):
+        _fail("resume", "must be a bool or a checkpoint path", s.resume)
+    if not s.data or not s.tokenizer or not s.output_dir:
+        _fail("data" if not s.data else "tokenizer" if not s.tokenizer else "output_dir", "must be non-empty", "")
+    _check_training_args(s.extra_training_args)
+
+
+# TrainingArguments fields that TrainSettings sets itself: the one source of truth for each.
+_OWNED_ARGS = {
+    "output_dir": "output_dir", "max_steps": "max_steps", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "learning_rate": "lr", "weight_decay": "weight_decay",
+    "adam_beta1": "betas", "adam_beta2": "betas", "warmup_steps": "warmup_steps",
+    "lr_scheduler_type": "lr_scheduler", "max_grad_norm": "max_grad_norm", "seed": "seed",
+    "logging_steps": "log_every", "save_steps": "save_every", "report_to": "report_to", "bf16": "bf16",
+    "disable_tqdm": "progress",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes: named starting points (any field can still be overridden)
+# ----------------------------------------------------------------------------------------------
+
+RECIPES: dict[str, TrainSettings] = {
+    # Small enough that `attnfree compare --recipe demo` of three models finishes in minutes on 2 CPU cores.
+    # Measured: about 3-4 minutes for fastformer, fastformer-conv and gpt2 (0.83M parameters each), evals included.
+    "demo": TrainSettings(
+        data="tinyshakespeare", tokenizer="byte", hidden_size=128, n_heads=4, num_layers=4, block_size=64,
+        batch_size=12, max_steps=500, dropout=0.0, lr=2e-3, eval_every=100, eval_max_chars=20_000,
+        eval_batch_size=32, output_dir="runs/demo", log_every=25,
+        threads=1,  # tiny matmuls gain little from a second thread, and one thread copes with shared cores
+    ),
+    # nanoGPT's shakespeare_char CPU recipe (its README: val loss 1.88 after 2000 iterations).
+    "nanogpt-char": TrainSettings(
+        data="tinyshakespeare", tokenizer="byte", hidden_size=128, n_heads=4, num_layers=4, block_size=64,
+        batch_size=12, max_steps=2000, dropout=0.0, lr=1e-3, eval_every=250, eval_stride=None, eval_bos=True,
+        output_dir="runs/nanogpt-char",
+    ),
+    # The earlier fastformerLM work's setting. It used the T5 tokenizer (32,100 ids), which is not available
+    # offline: GPT-2's BPE stands in. WikiText-2 offline protocol: train on valid, evaluate on test.
+    "earlier-work": TrainSettings(
+        data="wikitext2-offline", tokenizer="gpt2", hidden_size=256, n_heads=4, num_layers=4, block_size=1024,
+        n_positions=1024, batch_size=4, max_steps=5000, dropout=0.1, lr=1e-3, lr_scheduler="linear",
+        eval_every=500, eval_batch_size=4, output_dir="runs/earlier-work",
+    ),
+}
+
+
+def recipe(name: str, **overrides: Any) -> TrainSettings:
+    """The recipe ``name`` with ``overrides`` applied (ValueError listing the recipes if unknown)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+    return RECIPES[name].replace(**overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# The result of a run (mirrors run.json)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """What a run measured; ``run.json`` holds exactly these fields."""
+
+    model: str
+    parameters: int
+    bpc: float
+    nats_per_char: float
+    loss_per_token: float
+    perplexity: float
+    tokens_per_second: float  # training tokens / training seconds (evaluation and checkpointing excluded)
+    peak_memory_mb: float  # CUDA max allocated on GPU; max resident set size of the process on CPU
+    wall_seconds: float  # the whole train() call: data, training, evals, saving
+    train_seconds: float  # training only
+    steps: int
+    tokens_trained: int
+    stopped_by: str  # "max_steps" or "max_seconds"
+    data_protocol: str
+    eval_protocol: str
+    eval_history: list[dict[str, Any]]  # {"step", "seconds", "bpc", "nats_per_char", "loss_per_token", "chars"}
+    train_history: list[dict[str, Any]]  # {"step", "seconds", "loss", "learning_rate"}
+    world_size: int
+    device: str
+    output_dir: str
+    settings: dict[str, Any]
+
+    def to_json(self, path: str | Path) -> Path:
+        out = Path(path)
+        out.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        return out
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> RunResult:
+        file = Path(path)
+        if file.is_dir():
+            file = file / RUN_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"run file {file} not found")
+        return cls(**json.loads(file.read_text()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Callbacks
+# ----------------------------------------------------------------------------------------------
+
+
+class TrainClock(TrainerCallback):
+    """Seconds spent training, excluding evaluation (``pause``) and checkpoint saving.
+
+    On resume it continues from the last ``train_seconds`` logged in the restored trainer state.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.start = time.perf_counter()
+        self.paused = 0.0
+        self.mark = self.start  # end of the last step's own work
+
+    @property
+    def seconds(self) -> float:
+        return self.offset + time.perf_counter() - self.start - self.paused
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.mark = time.perf_counter()
+            self.paused += self.mark - begin
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        logged = [h["train_seconds"] for h in state.log_history if "train_seconds" in h]
+        self.offset = logged[-1] if logged else 0.0
+        self.start, self.paused = time.perf_counter(), 0.0
+        self.mark = self.start
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        self.mark = time.perf_counter()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        now = time.perf_counter()
+        self.paused += now - self.mark
+        self.mark = now
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if state.log_history and "loss" in state.log_history[-1]:
+            state.log_history[-1]["train_seconds"] = round(self.seconds, 3)
+
+
+@dataclass
+class EvalSplit:
+    """Tokens of (part of) the validation split and how many characters they cover."""
+
+    tokens: torch.Tensor  # [N]
+    n_chars: int
+
+
+class PeriodicEval(TrainerCallback):
+    """Validation BPC every ``every`` steps on the main process, appended to the trainer's log history
+    (so it survives resume) with the step and the training seconds so far."""
+
+    def __init__(self, clock: TrainClock, split: EvalSplit, settings: TrainSettings, bos_token_id: int | None):
+        self.clock, self.split, self.settings, self.bos = clock, split, settings, bos_token_id
+        self.log: Callable[[dict[str, float]], None] | None = None  # Trainer.log: forwards to report_to trackers
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: torch.nn.Module | None = None, **kwargs: Any) -> None:
+        every = self.settings.eval_every
+        if not every or state.global_step % every or state.global_step >= state.max_steps or model is None:
+            return
+        if not state.is_world_process_zero:
+            return
+        with self.clock.pause():
+            result = run_eval(model, self.split, self.settings, self.bos)
+        record = eval_record(state.global_step, self.clock.seconds, result)
+        state.log_history.append(record)
+        if self.log is not None:
+            should_log = control.should_log  # Trainer.log clears it: keep this step's loss log
+            self.log({"eval_bpc": result.bpc, "eval_nats_per_char": result.nats_per_char,
+                      "eval_loss_per_token": result.loss_per_token})
+            control.should_log = should_log
+        print(f"[attnfree] step {record['step']}: validation bpc {record['bpc']:.4f} "
+              f"({record['chars']} chars) after {record['seconds']:.1f}s of training", file=sys.stderr)
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training once the clock passes ``max_seconds``; the main process decides for everyone."""
+
+    def __init__(self, clock: TrainClock, max_seconds: float):
+        self.clock, self.max_seconds = clock, max_seconds
+        self.stopped = False
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        stop = torch.tensor([float(self.clock.seconds >= self.max_seconds)], device=args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(stop, src=0)  # every rank must stop at the same step
+        if stop.item() and state.global_step < state.max_steps:
+            self.stopped = True
+            control.should_training_stop = True
+
+
+class SaveTokenizer(TrainerCallback):
+    """Copies the tokenizer into every checkpoint folder, so each checkpoint loads on its own."""
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self.tokenizer = tokenizer
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            self.tokenizer.save(folder)
+
+
+class _InOrderTrainer(Trainer):
+    """Feeds the dataset in index order: the windows are already random, and a fixed order makes
+    resumed and multi-process runs see exactly the batches of an uninterrupted single-process run."""
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> SequentialSampler:
+        return SequentialSampler(cast(Sized, train_dataset if train_dataset is not None else self.train_dataset))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def run_eval(model: torch.nn.Module, split: EvalSplit, settings: TrainSettings, bos: int | None) -> EvalResult:
+    """``evaluate_bpc`` with the run's block size, stride and batch size."""
+    return evaluate_bpc(model, split.tokens, split.n_chars, settings.block_size, stride=settings.eval_stride,
+                        batch_size=settings.eval_batch_size, bos_token_id=bos if settings.eval_bos else None)
+
+
+def eval_record(step: int, seconds: float, result: EvalResult) -> dict[str, Any]:
+    return {"step": step, "seconds": round(seconds, 3), "bpc": result.bpc, "nats_per_char": result.nats_per_char,
+            "loss_per_token": result.loss_per_token, "chars": result.n_chars}
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """CUDA max allocated on a GPU; else the process's max resident set size (Linux reports KiB)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+# ----------------------------------------------------------------------------------------------
+# train()
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    corpus: Corpus
+    tokenizer: TextTokenizer
+    train_tokens: torch.Tensor  # [N]
+    valid: EvalSplit  # the whole validation split
+    periodic: EvalSplit  # what periodic evals score (a prefix when eval_max_chars is set)
+
+
+def training_arguments(s: TrainSettings) -> TrainingArguments:
+    """``TrainingArguments`` from the settings (``extra_training_args`` last). CPU unless CUDA is present."""
+    values: dict[str, Any] = {
+        "output_dir": s.output_dir, "max_steps": s.max_steps, "per_device_train_batch_size": s.batch_size,
+        "gradient_accumulation_steps": s.grad_accum, "learning_rate": s.lr, "weight_decay": s.weight_decay,
+        "adam_beta1": s.betas[0], "adam_beta2": s.betas[1], "warmup_steps": s.warmup_steps,
+        "lr_scheduler_type": s.lr_scheduler, "max_grad_norm": s.max_grad_norm, "seed": s.seed,
+        "logging_steps": s.log_every, "logging_first_step": True, "eval_strategy": "no",
+        "save_strategy": "steps" if s.save_every else "no", "save_steps": s.save_every or 500,
+        "report_to": s.report_to or "none", "bf16": s.bf16, "disable_tqdm": not s.progress,
+        "use_cpu": not torch.cuda.is_available(), "dataloader_num_workers": 0,
+        "ddp_find_unused_parameters": False,
+    }
+    values.update(s.extra_training_args)
+    try:
+        return TrainingArguments(**values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"invalid training arguments: {str(err).strip().splitlines()[0]}") from None
+
+
+def _run_tokenizer(s: TrainSettings, corpus: Corpus, args: TrainingArguments) -> TextTokenizer:
+    """Main process: build the tokenizer (reusing the run folder's one when resuming) and save it into the
+    run folder. Other processes (which run after it) load that saved copy, so all share one tokenizer."""
+    out = Path(s.output_dir)
+    if (s.resume or not args.should_save) and (out / "attnfree_tokenizer.json").is_file():
+        return load_saved_tokenizer(out)
+    tokenizer = load_tokenizer(s.tokenizer, train_text=corpus.train_text, data_dir=s.data_dir)
+    if args.should_save:
+        tokenizer.save(out)
+    return tokenizer
+
+
+def _load_data(s: TrainSettings, args: TrainingArguments) -> _Data:
+    """1-2: corpus, tokenizer and tokens, main process first (it writes the tokenizer and token cache)."""
+    with args.main_process_first(local=False, desc="tokenizing"):
+        corpus = load_corpus(s.data, data_dir=s.data_dir)
+        tokenizer = _run_tokenizer(s, corpus, args)
+        train_tokens = tokenize_cached(corpus.train_text, tokenizer)
+        valid = EvalSplit(tokenize_cached(corpus.valid_text, tokenizer), len(corpus.valid_text))
+        periodic = valid
+        if s.eval_max_chars is not None and s.eval_max_chars < len(corpus.valid_text):
+            head = corpus.valid_text[: s.eval_max_chars]
+            periodic = EvalSplit(tokenize_cached(head, tokenizer), len(head))
+    if valid.tokens.numel() < 1:
+        raise ValueError(f"validation split of {s.data!r} has no tokens")
+    return _Data(corpus, tokenizer, train_tokens, valid, periodic)
+
+
+def _build_model(s: TrainSettings, tokenizer: TextTokenizer) -> PreTrainedModel:
+    """3: the seeded model, checked against block_size."""
+    set_seed(s.seed)
+    model = build_model(s.model, s.size, tokenizer, s.model_overrides)
+    limit = max_positions(model)
+    if limit is not None and s.block_size > limit:
+        raise ValueError(f"block_size {s.block_size} exceeds the model's n_positions={limit}")
+    return model
+
+
+def _resume_path(s: TrainSettings) -> str | None:
+    if isinstance(s.resume, str):
+        if not Path(s.resume).is_dir():
+            raise FileNotFoundError(f"checkpoint {s.resume} to resume from not found")
+        return s.resume
+    if s.resume and Path(s.output_dir).is_dir():
+        last = get_last_checkpoint(s.output_dir)
+        if last is None:
+            print(f"[attnfree] no checkpoint in {s.output_dir}; starting fresh", file=sys.stderr)
+        return last
+    return None
+
+
+def _histories(state: TrainerState) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    evals = [h for h in state.log_history if "bpc" in h]
+    losses = [{"step": h["step"], "seconds": h.get("train_seconds"), "loss": h["loss"],
+               "learning_rate": h.get("learning_rate")} for h in state.log_history if "loss" in h]
+    return evals, losses
+
+
+def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> RunResult:
+    """Train ``settings.model`` and return (and, on the main process, save) its ``RunResult``.
+
+    ``callbacks`` are added after ours (tests use one to interrupt a run). Under ``torchrun`` or
+    ``accelerate launch`` every process calls this; they all return the main process's result.
+    """
+    wall = time.perf_counter()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    # 1-4: everything that can fail does so here, before training
+    args = training_arguments(settings)
+    data = _load_data(settings, args)
+    model = _build_model(settings, data.tokenizer)
+    world = args.world_size
+    samples = settings.max_steps * settings.batch_size * settings.grad_accum * world
+    dataset = RandomWindowDataset(data.train_tokens, settings.block_size, samples, seed=settings.seed)
+    resume_from = _resume_path(settings)
+    # 5: train
+    clock = TrainClock()
+    budget = TimeBudget(clock, settings.max_seconds) if settings.max_seconds else None
+    evaluator = PeriodicEval(clock, data.periodic, settings, data.tokenizer.bos_token_id)
+    ours: list[TrainerCallback] = [clock, evaluator, SaveTokenizer(data.tokenizer)]
+    trainer = _InOrderTrainer(model=model, args=args, train_dataset=dataset,
+                              callbacks=[*ours, *([budget] if budget else []), *callbacks])
+    evaluator.log = trainer.log
+    trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = clock.seconds
+    # 6: final evaluation and files (main process), shared with every process
+    trainer.save_model(settings.output_dir)  # main process only; safetensors
+    result = _finish(settings, trainer, data, clock, budget, train_seconds, wall) if args.should_save else None
+    return _share(result, world)
+
+
+def _finish(s: TrainSettings, trainer: Trainer, data: _Data, clock: TrainClock, budget: TimeBudget | None,
+            train_seconds: float, wall: float) -> RunResult:
+    """6: score the whole validation split and write the run record (main process)."""
+    state, model = trainer.state, trainer.model
+    assert model is not None
+    final = run_eval(model, data.valid, s, data.tokenizer.bos_token_id)
+    # the final record (whole split) replaces a periodic one at the same step (a budget stop can land there)
+    state.log_history = [h for h in state.log_history if not ("bpc" in h and h["step"] == state.global_step)]
+    state.log_history.append(eval_record(state.global_step, train_seconds, final))
+    evals, losses = _histories(state)
+    tokens = state.global_step * s.batch_size * s.grad_accum * trainer.args.world_size * s.block_size
+    result = RunResult(
+        model=s.model, parameters=count_parameters(model), bpc=final.bpc, nats_per_char=final.nats_per_char,
+        loss_per_token=final.loss_per_token, perplexity=final.perplexity,
+        tokens_per_second=tokens / max(train_seconds, 1e-9), peak_memory_mb=peak_memory_mb(trainer.args.device),
+        wall_seconds=0.0, train_seconds=train_seconds, steps=state.global_step, tokens_trained=tokens,
+        stopped_by="max_seconds" if budget is not None and budget.stopped else "max_steps",
+        data_protocol=data.corpus.protocol, eval_protocol=final.protocol, eval_history=evals, train_history=losses,
+        world_size=trainer.args.world_size, device=str(trainer.args.device), output_dir=s.output_dir,
+        settings=json.loads(json.dumps(s.to_dict())),  # as run.json holds it (tuples become lists)
+    )
+    Path(s.output_dir).mkdir(parents=True, exist_ok=True)
+    data.tokenizer.save(s.output_dir)
+    result.wall_seconds = time.perf_counter() - wall
+    result.to_json(Path(s.output_dir) / RUN_FILE)
+    print(f"[attnfree] {s.model}: validation bpc {final.bpc:.4f} after {state.global_step} steps; "
+          f"{result.tokens_per_second:.0f} tokens/s; saved to {s.output_dir}", file=sys.stderr)
+    return result
+
+
+def _share(result: RunResult | None, world: int) -> RunResult:
+    """Every process gets the main process's result."""
+    if world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        result = broadcast_object_list([result], from_process=0)[0]
+    assert result is not None
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: load, evaluate, generate
+# ----------------------------------------------------------------------------------------------
+
+
+def _tokenizer_folder(checkpoint: Path) -> Path:
+    for folder in (checkpoint, checkpoint.parent):
+        if (folder / "attnfree_tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+            return folder
+    raise FileNotFoundError(f"no saved tokenizer in {checkpoint} or its parent")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device | None = None
+                    ) -> tuple[PreTrainedModel, TextTokenizer]:
+    """A trained model (any registered family, through ``AutoModelForCausalLM``) and its tokenizer, from a
+    run folder or one of its ``checkpoint-N`` folders. The model is in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    import attnfree  # noqa: F401  (registers our model classes with the Auto classes)
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no model checkpoint (config.json) in {folder}")
+    tokenizer = load_saved_tokenizer(_tokenizer_folder(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    if device is not None:
+        cast(Any, model).to(device)
+    return model.eval(), tokenizer
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    data: str,
+    data_dir: str | None = None,
+    block_size: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 16,
+    bos: bool = True,
+) -> EvalResult:
+    """BPC of a checkpoint on the validation split of ``data``. ``block_size`` defaults to the run's
+    training block size (from run.json), else the model's position limit."""
+    model, tokenizer = load_checkpoint(path)
+    if block_size is None:
+        run = Path(path) / RUN_FILE
+        block_size = json.loads(run.read_text())["settings"]["block_size"] if run.is_file() else max_positions(model)
+        if block_size is None:
+            raise ValueError("the model has no position limit: pass block_size")
+    limit = max_positions(model)
+    if limit is not None and block_size > limit:
+        raise ValueError(f"block_size {block_size} exceeds the model's n_positions={limit}")
+    if stride is not None and not 1 <= stride <= block_size:
+        raise ValueError(f"stride {stride} must be in [1, block_size={block_size}]")
+    corpus = load_corpus(data, data_dir=data_dir)
+    tokens = tokenize_cached(corpus.valid_text, tokenizer)
+    return evaluate_bpc(model, tokens, len(corpus.valid_text), block_size, stride=stride, batch_size=batch_size,
+                        bos_token_id=tokenizer.bos_token_id if bos else None)
+
+
+class TokenStreamer(BaseStreamer):
+    """Writes generated text as it is produced, decoding incrementally with our ``TextTokenizer``.
+
+    The first ``put`` (the prompt) is written as decoded. Text ending in an incomplete UTF-8 character (decoded
+    as U+FFFD) is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, out: Any = None):
+        self.tokenizer, self.out = tokenizer, out if out is not None else sys.stdout
+        self.ids: list[int] = []
+        self.printed = 0  # characters of the decoded text already written
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            self._write(self.tokenizer.decode(value.reshape(-1).tolist()))
+            return
+        self.ids.extend(int(i) for i in value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self._write(text[self.printed:])
+        self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        self._write(text[self.printed:] + "\n")
+        self.ids, self.printed, self.prompt_seen = [], 0, False
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+def generate_text(
+    model: PreTrainedModel,
+    tokenizer: TextTokenizer,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int | None = 0,
+    streamer: BaseStreamer | None = None,
+) -> str:
+    """Continue ``prompt`` (an empty prompt starts from BOS); returns only the new text."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (or use greedy), got {temperature}")
+    if seed is not None:
+        set_seed(seed)
+    ids = tokenizer.encode(prompt) or [tokenizer.bos_token_id]
+    limit = max_positions(model)
+    if limit is not None and len(ids) + max_new_tokens > limit:
+        raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"n_positions={limit}")
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)  # [1, T]
+    sampling: dict[str, Any] = {"do_sample": False} if greedy else {
+        "do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p if top_p else 1.0}
+    with torch.no_grad():
+        out = cast(Any, model).generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                        streamer=streamer, **sampling)  # [1, T + N]
+    return tokenizer.decode(out[0, len(ids):].tolist())
