@@ -41,7 +41,7 @@ def batch(B=3, T=20, vocab=40, seed=0):
 CONV = [pytest.param({}, id="plain"), pytest.param(dict(convolve=True, groups=3), id="conv"),
         pytest.param(dict(convolve=True, kernel_size=1), id="conv-k1"),
         pytest.param(dict(position_embedding_type="none", residual="normed"), id="nopos-normed"),
-        pytest.param(dict(decay="learned", convolve=True), id="decay-conv")]
+        pytest.param(dict(decay="none", scale_logits=True, convolve=True), id="design-conv")]
 
 
 @pytest.mark.parametrize("kw", CONV)
@@ -73,9 +73,10 @@ def test_padded_batch_equals_each_alone(kw):
 def test_generate_left_padded_batch_equals_alone(kw):
     model = tiny(**kw)
     ids, mask = batch()
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)  # no early stop: same lengths
+    out = model.generate(ids, attention_mask=mask, **kw)
     for b in range(ids.shape[0]):
-        alone = model.generate(ids[b : b + 1, mask[b].bool()], max_new_tokens=8, do_sample=False, pad_token_id=0)
+        alone = model.generate(ids[b : b + 1, mask[b].bool()], **kw)
         assert torch.equal(out[b, -8:], alone[0, -8:])
 
 
@@ -217,7 +218,7 @@ NON_DEFAULT = {  # every field, a non-default value
     "hidden_size": 30, "vocab_size": 41, "n_positions": 32, "n_heads": 2, "convolve": True, "groups": 3,
     "kernel_size": 2, "num_hidden_layers": 3, "label_smoothing": 0.1, "initializer_range": 0.5,
     "hidden_dropout_prob": 0.3, "position_embedding_type": "none", "residual": "normed", "decay": "fixed",
-    "scale_logits": False, "ffn_multiplier": 2,
+    "scale_logits": True, "ffn_multiplier": 2,
     "layer_norm_eps": 1e-2, "pool_chunk_size": 4, "pad_token_id": 3, "bos_token_id": 4, "eos_token_id": 5,
     "use_cache": False, "tie_word_embeddings": False,
 }

@@ -22,8 +22,10 @@ DECAY_MODES = ("none", "fixed", "learned")
 class FastformerConfig(PreTrainedConfig):
     r"""Causal Fastformer (additive attention) language model.
 
-    Defaults reproduce the earlier ``fastformerLM`` design at its published size (11-12M parameters
-    with the T5 vocabulary of 32,100 tokens).
+    Sizes default to the earlier ``fastformerLM`` design at its published size (11-12M parameters with the
+    T5 vocabulary of 32,100 tokens). Three defaults depart from that design, each measured (README,
+    "Ablations"): ``residual="raw"``, ``decay="learned"``, ``scale_logits=False``. Setting
+    ``residual="normed", decay="none", scale_logits=True`` reproduces the original layer exactly.
 
     Args:
         hidden_size: model width C (= n_heads * head size D).
@@ -41,8 +43,10 @@ class FastformerConfig(PreTrainedConfig):
         residual: "raw" keeps the raw residual stream through the attention block (our fix);
             "normed" reproduces the earlier design, whose block output was built on the layer-normed input.
         decay: per-head recency of the additive pooling: "none" (the design: a plain causal mean),
-            "fixed" (ALiBi slopes as a score bias lambda_h * position) or "learned" (slopes trained from there).
-        scale_logits: divide the logits by sqrt(hidden_size), as the earlier design did.
+            "fixed" (ALiBi slopes as a score bias lambda_h * position) or "learned" (default: slopes trained
+            from there; measured 3.33 -> 2.95 BPC on nanoGPT's Shakespeare recipe, README "Ablations").
+        scale_logits: divide the logits by sqrt(hidden_size), as the earlier design did (off by default: with
+            tied N(0, 0.02) embeddings it makes early logits ~0 and slows learning; 3.33 -> 2.97 BPC without).
         ffn_multiplier: width of the feed-forward layer as a multiple of hidden_size.
         layer_norm_eps: epsilon of every LayerNorm.
         pool_chunk_size: chunk length C of the parallel additive-attention form (speed/memory only).
@@ -63,8 +67,8 @@ class FastformerConfig(PreTrainedConfig):
     hidden_dropout_prob: float = 0.1
     position_embedding_type: str = "learned"
     residual: str = "raw"
-    decay: str = "none"
-    scale_logits: bool = True
+    decay: str = "learned"
+    scale_logits: bool = False
     ffn_multiplier: int = 4
     layer_norm_eps: float = 1e-5
     pool_chunk_size: int = 32
