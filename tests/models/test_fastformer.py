@@ -254,3 +254,12 @@ def test_every_config_field_is_declared_here():
 def test_every_config_field_has_an_effect(field):
     extra = {"groups": {"convolve": True}, "kernel_size": {"convolve": True}}.get(field, {})
     assert signature(**extra) != signature(**extra, **{field: NON_DEFAULT[field]})
+
+
+def test_generate_prefill_computes_only_the_last_logits():
+    """At prefill, generate asks for logits_to_keep=1: a [B, T, V] logits tensor would cost T times more memory."""
+    model = tiny()
+    shapes = []
+    model.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    model.generate(torch.randint(3, 40, (2, 11)), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert shapes[0] == (2, 1, 40), shapes

@@ -90,8 +90,11 @@ class RecurrentGenerationMixin:
         """Prefill with the whole prompt, then feed only the newest token: its state carries the rest."""
         if past_key_values is not None and past_key_values.steps:
             return {"input_ids": input_ids[:, -1:], "past_key_values": past_key_values, "use_cache": True}
+        # (a step returns one position's logits anyway)
         inputs: dict[str, Any] = {"attention_mask": attention_mask, "past_key_values": past_key_values,
                                   "use_cache": use_cache if use_cache is not None else True}
+        if kwargs.get("logits_to_keep"):  # prefill: generate only needs the last position's logits
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         if inputs_embeds is not None and input_ids.shape[1] == 0:
             inputs["inputs_embeds"] = inputs_embeds
         else:

@@ -1,0 +1,118 @@
+"""Token-mixing ops alone: causal additive attention and the correlation op against two floors on the same
+[B, T, H, D], forward and forward + backward.
+
+    python -m benchmarks.ops [--quick] [--out runs/bench/ops.json] [--repeats 9] [--threads 2]
+
+Floors: ``torch.cumsum`` along T (the memory-bound least a causal running sum costs) and causal
+``F.scaled_dot_product_attention`` (softmax attention, O(T^2)). Shapes: [4, 1024, 4, 64], then a T sweep
+256 .. 8192 with B = clamp(4096 / T, 1, 4). The four ops run round-robin, medians reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnfree.ops.additive import additive_pool_parallel
+from attnfree.ops.correlation import correlation_parallel, make_lags
+from benchmarks.common import print_table, write_json
+from benchmarks.train_throughput import Row, plot_lines, round_robin
+
+Shape = tuple[int, int, int, int]  # [B, T, H, D]
+SHAPE: Shape = (4, 1024, 4, 64)
+SWEEP: list[Shape] = [(min(4, max(1, 4096 // t)), t, 4, 64) for t in (256 * 2**i for i in range(6))]
+QUICK_SHAPES: list[Shape] = [(2, 64, 2, 16), (1, 256, 2, 16)]
+OURS, FLOORS = ("additive", "correlation"), ("cumsum", "sdpa")
+
+
+def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal softmax attention on [B, T, H, D] (SDPA wants [B, H, T, D])."""
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+
+Op = tuple[list[Tensor], Callable[..., Tensor]]  # fresh leaf inputs, and the op as a function of them
+
+
+def _additive(shape: Shape) -> Op:  # x [B, T, H, D], scores [B, T, H]
+    return [torch.randn(shape), torch.randn(shape[:3])], lambda x, s: additive_pool_parallel(x, s)[0]
+
+
+def _correlation(shape: Shape) -> Op:  # q, k, v [B, T, H, D], the default lag set make_lags(32, T), J = 4
+    lags = make_lags(32, shape[1])
+    return [torch.randn(shape) for _ in range(3)], lambda q, k, v: correlation_parallel(q, k, v, lags, 4)[0]
+
+
+def _cumsum(shape: Shape) -> Op:
+    return [torch.randn(shape)], lambda x: x.cumsum(1)
+
+
+def _sdpa(shape: Shape) -> Op:
+    return [torch.randn(shape) for _ in range(3)], _causal_sdpa
+
+
+OPS: dict[str, Callable[[Shape], Op]] = {"additive": _additive, "correlation": _correlation, "cumsum": _cumsum,
+                                         "sdpa": _sdpa}
+
+
+def forward(inputs: list[Tensor], op: Callable[..., Tensor]) -> Callable[[], Any]:
+    def run() -> None:
+        with torch.no_grad():
+            op(*inputs)
+
+    return run
+
+
+def forward_backward(inputs: list[Tensor], op: Callable[..., Tensor]) -> Callable[[], Any]:
+    """op forward, then backward of a fixed random upstream gradient into every input."""
+    for x in inputs:
+        x.requires_grad_(True)
+    grad = torch.randn_like(op(*inputs))
+
+    def run() -> None:
+        op(*inputs).backward(grad)
+        for x in inputs:
+            x.grad = None
+
+    return run
+
+
+MODES = {"fwd": forward, "fwd+bwd": forward_backward}
+
+
+def measure(shape: Shape, mode: str, repeats: int) -> Row:
+    """Median ms of all four ops at shape, round-robin, plus ours / floor ratios."""
+    fns = {name: MODES[mode](*OPS[name](shape)) for name in OURS + FLOORS}
+    ms = {f"{name}_ms": s * 1e3 for name, s in round_robin(fns, repeats).items()}
+    ratios = {f"{ours}/{floor}": ms[f"{ours}_ms"] / ms[f"{floor}_ms"] for ours in OURS for floor in FLOORS}
+    return {"shape": list(shape), "B": shape[0], "T": shape[1], "mode": mode, **ms, **ratios}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two small shapes, 3 repeats (< 60 s)")
+    parser.add_argument("--out", default="runs/bench/ops.json")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shapes, repeats = (QUICK_SHAPES, 3) if args.quick else ([SHAPE, *(s for s in SWEEP if s != SHAPE)], args.repeats)
+    rows = [measure(shape, mode, repeats) for shape in shapes for mode in MODES]
+    columns = ["shape", "mode", *(f"{n}_ms" for n in OURS + FLOORS), *(f"{o}/{f}" for o in OURS for f in FLOORS)]
+    table = print_table(rows, columns)
+    out = write_json(args.out, {"threads": args.threads, "repeats": repeats, "rows": rows, "table": table})
+    sweep = [r for r in rows if r["shape"] != list(SHAPE)]
+    long_rows = [{"T": r["T"], "op": f"{name} {r['mode']}", "ms": r[f"{name}_ms"]} for r in sweep
+                 for name in OURS + FLOORS]
+    plot_lines(out.with_suffix(".png"), long_rows, "T", ["ms"], lambda r: r["op"], f"ops, {args.threads} threads")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

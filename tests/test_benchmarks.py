@@ -1,0 +1,50 @@
+"""Each benchmark script as the lead runs it (``python -m benchmarks.<name> --quick``): exit code, JSON, plot."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# script -> (keys every measured row has, positive numbers among them)
+EXPECTED = {
+    "train_throughput": ({"model", "T", "batch", "tokens_per_s", "step_s", "peak_rss_mib", "delta_rss_mib"},
+                         ("tokens_per_s", "step_s", "peak_rss_mib")),
+    "decode": ({"model", "path", "context", "batch", "per_token_ms", "tokens_per_s", "floor_ms", "vs_floor",
+                "cache_kib", "peak_rss_mib", "delta_rss_mib", "prefill_s"},
+               ("per_token_ms", "tokens_per_s", "floor_ms", "vs_floor", "cache_kib", "peak_rss_mib")),
+    "ops": ({"shape", "mode", "additive_ms", "correlation_ms", "cumsum_ms", "sdpa_ms", "additive/cumsum",
+             "additive/sdpa", "correlation/cumsum", "correlation/sdpa"},
+            ("additive_ms", "correlation_ms", "cumsum_ms", "sdpa_ms", "additive/cumsum", "correlation/sdpa")),
+    "utilization": ({"model", "T", "batch", "n_matmul", "gflop_per_token", "tokens_per_s", "gflop_per_s", "mfu",
+                     "meets_target"}, ("n_matmul", "gflop_per_token", "tokens_per_s", "gflop_per_s", "mfu")),
+}
+
+
+def run_quick(name: str, out: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--threads", "1", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "|---|" in done.stdout  # the markdown table
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_quick_run_writes_sane_json_and_plot(name, tmp_path):
+    out = tmp_path / f"{name}.json"
+    payload = run_quick(name, out)
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert {"machine", "rows"} <= payload.keys()
+    keys, positive = EXPECTED[name]
+    rows = [r for r in payload["rows"] if "note" not in r]  # skipped points carry a note instead of numbers
+    assert rows, payload["rows"]
+    for row in rows:
+        assert keys <= row.keys(), f"{name}: missing {keys - row.keys()} in {row}"
+        for key in positive:
+            assert math.isfinite(row[key]) and row[key] > 0, f"{name}: {key} = {row[key]} in {row}"
