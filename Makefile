@@ -24,7 +24,7 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
 typecheck: setup
-	$(BIN)/mypy src
+	$(BIN)/mypy src benchmarks
 
 unit: setup
 	$(BIN)/pytest -q --durations=10

@@ -30,17 +30,19 @@ from transformers.pytorch_utils import Conv1D
 
 from attnfree.cache import RecurrentCache
 from attnfree.decoding import Sampling, stream_generate
-from benchmarks.common import median_time, print_table, write_json
-from benchmarks.train_throughput import (
+from benchmarks.common import (
     QUICK,
     Row,
     Sizes,
     available,
     build,
     ints,
+    median_time,
     peak_rss_mib,
     plot_lines,
+    print_table,
     run_isolated,
+    write_json,
 )
 
 MODELS = ("fastformer", "fastformer-conv", "leviathan", "gpt2")

@@ -20,8 +20,7 @@ from torch import Tensor
 
 from attnfree.ops.additive import additive_pool_parallel
 from attnfree.ops.correlation import correlation_parallel, make_lags
-from benchmarks.common import print_table, write_json
-from benchmarks.train_throughput import Row, plot_lines, round_robin
+from benchmarks.common import Row, plot_lines, print_table, round_robin, write_json
 
 Shape = tuple[int, int, int, int]  # [B, T, H, D]
 SHAPE: Shape = (4, 1024, 4, 64)

@@ -28,9 +28,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from attnfree.layers.conv import CausalConvolution
-from benchmarks.common import print_table, write_json
+from benchmarks.common import QUICK, Row, Sizes, available, build, print_table, round_robin, write_json
 from benchmarks.decode import matmul_layers
-from benchmarks.train_throughput import QUICK, Row, Sizes, available, build, round_robin
 
 TARGET_MFU = 0.30  # fastformer at T = 1024
 
