@@ -10,6 +10,15 @@ from attnfree.models.fastformer import (
     FastformerLMConfig,
     FastformerModel,
 )
+from attnfree.models.leviathan import (
+    LeviathanConfig,
+    LeviathanEnsembleConfig,
+    LeviathanEnsembleForCausalLM,
+    LeviathanForCausalLM,
+    LeviathanModel,
+    LeviathanMoEConfig,
+    LeviathanMoEForCausalLM,
+)
 
 __version__ = "0.1.0"
 
@@ -18,6 +27,13 @@ __all__ = [
     "FastformerForCausalLM",
     "FastformerLMConfig",
     "FastformerModel",
+    "LeviathanConfig",
+    "LeviathanEnsembleConfig",
+    "LeviathanEnsembleForCausalLM",
+    "LeviathanForCausalLM",
+    "LeviathanModel",
+    "LeviathanMoEConfig",
+    "LeviathanMoEForCausalLM",
     "RecurrentCache",
     "__version__",
 ]

@@ -6,6 +6,7 @@ additive-pooling states ([B, H, D] + [B, H] + [B, H] each) and, with convolution
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -13,9 +14,12 @@ from torch import Tensor
 
 
 def _map_tensors(obj: Any, fn) -> Any:
-    """Apply fn to every tensor inside nested tuples / NamedTuples / dicts / lists."""
+    """Apply fn to every tensor inside nested tuples / NamedTuples / dicts / lists / dataclass instances."""
     if isinstance(obj, Tensor):
         return fn(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # e.g. CorrelationState
+        changes = {f.name: _map_tensors(getattr(obj, f.name), fn) for f in dataclasses.fields(obj) if f.init}
+        return dataclasses.replace(obj, **changes)
     if isinstance(obj, dict):
         return {k: _map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # NamedTuple

@@ -20,6 +20,7 @@ from transformers import GPT2Config, PreTrainedConfig, PreTrainedModel
 
 from attnfree.models.baselines import gpt2_baseline
 from attnfree.models.fastformer import FastformerConfig, FastformerForCausalLM
+from attnfree.models.leviathan import build_leviathan, build_leviathan_ensemble, build_leviathan_moe
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,9 @@ def build_gpt2(size: ModelSize, ids: SpecialIds, overrides: Mapping[str, Any]) -
 register_model("fastformer", build_fastformer)
 register_model("fastformer-conv", build_fastformer_conv)
 register_model("gpt2", build_gpt2)
+register_model("leviathan", build_leviathan)
+register_model("leviathan-ensemble", build_leviathan_ensemble)
+register_model("leviathan-moe", build_leviathan_moe)
 
 
 def build_model(spec: str, size: ModelSize, ids: SpecialIds, overrides: Mapping[str, Any] | None = None

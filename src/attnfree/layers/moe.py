@@ -1,0 +1,130 @@
+"""Sparsely gated mixture of experts: a drop-in for the feed-forward block (pre-LN inside, residual by the caller).
+
+Routing follows Shazeer et al. 2017, "Outrageously Large Neural Networks", eq. 3-5:
+
+    H(x)_e = (x W_g)_e + eps_e * softplus((x W_noise)_e),  eps ~ N(0, noise^2)   (noise in training only)
+    G(x)   = softmax(KeepTopK(H(x), k))                 (the k chosen experts' combine weights)
+    y      = sum over chosen e of G(x)_e * E_e(x)
+
+Capacity (Switch Transformer, Fedus et al. 2021): in training each expert takes at most
+``ceil(capacity_factor * N * k / E)`` of the N routed tokens' assignments; the rest are dropped from that
+expert (the token passes on through the residual) and counted. Assignments queue in time-major order
+(every row's step t before any row's step t+1), so a token is never pushed out by a later token: the
+model stays causal in training. At evaluation there is no capacity limit: a token's output never depends
+on the other tokens in the batch, which is what decoding with a recurrent state requires.
+
+Load balancing (Switch eq. 4-6): aux = E * sum_e f_e P_e, f_e = fraction of assignments routed to e,
+P_e = mean router probability of e; 1.0 when balanced. Padding tokens are not routed and not counted.
+Shapes: B batch, T time, C width, N routed tokens, E experts, k = top_k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnfree.layers.ffn import ACTIVATIONS
+
+
+@dataclass
+class RoutingStats:
+    """What one MoE layer reports about a forward pass."""
+
+    aux_loss: Tensor  # scalar, E * sum_e f_e P_e (differentiable through P)
+    tokens_per_expert: Tensor  # [E] long, assignments each expert processed (after capacity)
+    dropped: Tensor  # scalar long, assignments dropped by the capacity limit
+
+
+class Expert(nn.Module):
+    """One feed-forward expert, without the LayerNorm (the MoE normalises once, before routing)."""
+
+    def __init__(self, hidden_size: int, multiplier: int, activation: str):
+        super().__init__()
+        self.up = nn.Linear(hidden_size, multiplier * hidden_size, bias=False)
+        self.act = ACTIVATIONS[activation]()
+        self.down = nn.Linear(multiplier * hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+class NoisyTopKRouter(nn.Module):
+    """H(x) = x W_g + eps * softplus(x W_noise), eps ~ N(0, noise^2) in training; x W_g at evaluation."""
+
+    def __init__(self, hidden_size: int, n_experts: int, noise: float):
+        super().__init__()
+        self.noise = noise
+        self.gate = nn.Linear(hidden_size, n_experts, bias=False)
+        self.noise_gate = nn.Linear(hidden_size, n_experts, bias=False) if noise > 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [N, C] -> router logits [N, E]."""
+        clean = self.gate(x)
+        if not self.training or self.noise_gate is None:
+            return clean  # deterministic routing at evaluation
+        return clean + torch.randn_like(clean) * self.noise * F.softplus(self.noise_gate(x))
+
+
+class SparseMoE(nn.Module):
+    """Pre-LN noisy top-k mixture of experts. x: [B, T, C], mask [B, T] bool -> ([B, T, C], RoutingStats)."""
+
+    def __init__(self, hidden_size: int, multiplier: int, activation: str, n_experts: int, top_k: int,
+                 capacity_factor: float, noise: float, dropout: float, eps: float):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
+        self.top_k, self.capacity_factor = top_k, capacity_factor
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.router = NoisyTopKRouter(hidden_size, n_experts, noise)
+        self.experts = nn.ModuleList([Expert(hidden_size, multiplier, activation) for _ in range(n_experts)])
+        self.dropout = nn.Dropout(dropout)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
+
+    def capacity(self, n_tokens: int) -> int:
+        """Assignments one expert takes: ceil(capacity_factor * N * k / E) in training, unlimited at evaluation."""
+        if not self.training:
+            return n_tokens * self.top_k
+        return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RoutingStats]:
+        B, T, C = x.shape
+        E, k = self.n_experts, self.top_k
+        # 1. the routed tokens (not padding), in time-major order: [N, C]
+        flat = self.norm(x).transpose(0, 1).reshape(T * B, C)
+        routed = (torch.arange(T * B, device=x.device) if mask is None
+                  else mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1))  # [N]
+        xr = flat[routed]
+        N = xr.shape[0]
+        # 2. gate: the top-k experts of each token and their combine weights
+        logits = self.router(xr)  # [N, E]
+        top_logits, top_experts = logits.topk(k, dim=-1)  # [N, k]
+        weights = torch.softmax(top_logits, dim=-1).reshape(-1)  # [N k]
+        # 3. capacity: each assignment's place in its expert's queue (token order, then slot)
+        assigned = top_experts.reshape(-1)  # [N k]
+        onehot = F.one_hot(assigned, E)  # [N k, E]
+        place = (onehot.cumsum(0) * onehot).sum(-1) - 1  # [N k]
+        kept = place < self.capacity(N)
+        # 4. each expert on its kept tokens, weighted and summed back per token
+        token = torch.arange(N, device=x.device).repeat_interleave(k)  # [N k]
+        out = torch.zeros_like(xr)
+        for e, expert in enumerate(self.experts):
+            take = ((assigned == e) & kept).nonzero().squeeze(1)
+            if take.numel():
+                out = out.index_add(0, token[take], expert(xr[token[take]]) * weights[take, None])
+        # 5. back to [B, T, C]; padding positions get 0
+        y = torch.zeros_like(flat).index_copy(0, routed, out).view(T, B, C).transpose(0, 1)
+        # 6. load balancing (Switch eq. 4-6) and counts
+        f = onehot.sum(0).to(logits.dtype) / max(N * k, 1)  # [E]
+        P = torch.softmax(logits, dim=-1).sum(0) / max(N, 1)  # [E]
+        stats = RoutingStats(aux_loss=E * (f * P).sum(), tokens_per_expert=(onehot * kept[:, None]).sum(0),
+                             dropped=(~kept).sum())
+        return self.dropout(y), stats

@@ -1,0 +1,198 @@
+"""Configurations of the Leviathan language models: the base model, the ensemble and the mixture of experts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+from attnfree.models.validation import (
+    check_choice,
+    check_divisible,
+    check_positive,
+    check_probability,
+    check_token_ids,
+)
+from attnfree.ops.correlation import make_lags
+
+POSITION_EMBEDDING_TYPES = ("learned", "none")
+# block flavour -> (activation of the feed-forward block, its width as a multiple of hidden_size)
+BLOCK_FLAVOURS: dict[str, tuple[str, int]] = {
+    "gelu4": ("gelu", 4),
+    "relu3": ("relu", 3),
+    "leaky6": ("leaky_relu", 6),
+}
+
+
+def _check_positive_float(config: Any, *fields: str) -> None:
+    for f in fields:
+        v = getattr(config, f)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"{type(config).__name__}.{f} must be > 0, got {v!r}")
+
+
+@strict
+class LeviathanConfig(PreTrainedConfig):
+    r"""Leviathan: a causal language model whose token mixer is multi-headed cross-correlation over a lag set.
+
+    Block (pre-LN):  h += Correlation(LN(h));  h += FFN(LN(h)).  Lags = ``make_lags(dense_lags, n_positions)``:
+    0..dense_lags-1 plus dense_lags * 2**m below n_positions (37 lags at the defaults).
+
+    Args:
+        vocab_size: V; 32,100 is the T5 tokenizer.
+        hidden_size: model width C (= n_heads * head size D).
+        n_heads: H correlation heads.
+        num_hidden_layers: number of blocks.
+        n_positions: longest sequence with learned positions; also bounds the largest lag.
+        position_embedding_type: "learned" or "none" (no length limit when decoding).
+        dense_lags: the dense lag run 0..dense_lags-1 (before the dilated lags).
+        segment: J, consecutive query/key positions summed into one correlation score.
+        block_flavour: feed-forward block: "gelu4" (4x GELU), "relu3" (3x ReLU) or "leaky6" (6x LeakyReLU).
+        hidden_dropout_prob: dropout on embeddings and on every residual branch.
+        initializer_range: std of the normal init of linear and embedding weights.
+        layer_norm_eps: epsilon of every LayerNorm.
+        label_smoothing: applied to the training loss only; evaluation loss is plain cross-entropy.
+    """
+
+    model_type = "leviathan"
+
+    vocab_size: int = 32100
+    hidden_size: int = 256
+    n_heads: int = 4
+    num_hidden_layers: int = 4
+    n_positions: int = 1024
+    position_embedding_type: str = "learned"
+    dense_lags: int = 32
+    segment: int = 4
+    block_flavour: str = "gelu4"
+    hidden_dropout_prob: float = 0.1
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-5
+    label_smoothing: float = 0.0
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 1
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        self.validate_fields()
+        super().__post_init__(**kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    @property
+    def lags(self) -> list[int]:
+        """The lag set every correlation layer uses (L entries), made on the CPU even while a model is being
+        built on the meta device (``from_pretrained``)."""
+        with torch.device("cpu"):
+            return make_lags(self.dense_lags, self.n_positions).tolist()
+
+    @property
+    def ffn_activation(self) -> str:
+        return BLOCK_FLAVOURS[self.block_flavour][0]
+
+    @property
+    def ffn_multiplier(self) -> int:
+        return BLOCK_FLAVOURS[self.block_flavour][1]
+
+    def validate_fields(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        check_positive(self, "vocab_size", "hidden_size", "n_heads", "num_hidden_layers", "n_positions",
+                       "dense_lags", "segment")
+        check_divisible(self, "hidden_size", "n_heads")
+        check_choice(self, "position_embedding_type", POSITION_EMBEDDING_TYPES)
+        check_choice(self, "block_flavour", BLOCK_FLAVOURS)
+        check_probability(self, "hidden_dropout_prob", "label_smoothing")
+        _check_positive_float(self, "initializer_range", "layer_norm_eps")
+        check_token_ids(self, "pad_token_id", "bos_token_id", "eos_token_id")
+
+
+@strict
+class LeviathanEnsembleConfig(LeviathanConfig):
+    r"""An ensemble of n_modules x members_per_module Leviathan backbones, each of width ``hidden_size``,
+    mixed per position by a multi-headed interaction across members, a learned gate and one LM head.
+
+    Args (besides LeviathanConfig's, which every member uses):
+        n_modules: number of modules (groups of members; with ``module_streams`` each has its own data).
+        members_per_module: backbones per module.
+        interaction_heads: heads of the softmax mixing across members (must divide hidden_size).
+        module_streams: each module reads its own stream: ``input_ids`` [n_modules, B, T] (or a list of
+            n_modules [B, T] tensors), labels alike; logits are [n_modules, B, T, V], one gated read-out
+            per module, and the loss is the mean over modules.
+    """
+
+    model_type = "leviathan_ensemble"
+
+    n_modules: int = 4
+    members_per_module: int = 2
+    interaction_heads: int = 4
+    module_streams: bool = False
+
+    @property
+    def n_members(self) -> int:
+        return self.n_modules * self.members_per_module
+
+    def validate_fields(self) -> None:
+        super().validate_fields()
+        check_positive(self, "n_modules", "members_per_module", "interaction_heads")
+        check_divisible(self, "hidden_size", "interaction_heads")
+
+
+@strict
+class LeviathanMoEConfig(LeviathanConfig):
+    r"""Leviathan with every feed-forward block replaced by a sparsely gated mixture of experts
+    (``attnfree.layers.moe``); each expert is a ``block_flavour`` feed-forward block.
+
+    Args (besides LeviathanConfig's):
+        n_experts: E experts per block.
+        router_top_k: experts each token is sent to (not "top_k", which generate() would read as a sampling
+            setting).
+        capacity_factor: expert capacity = ceil(capacity_factor * tokens * top_k / n_experts), in training.
+        noise: scale of the noisy top-k gating noise (0 = plain top-k, no noise weights); training only.
+        aux_loss_coef: weight of the load-balancing loss added to the training loss.
+    """
+
+    model_type = "leviathan_moe"
+
+    n_experts: int = 8
+    router_top_k: int = 2
+    capacity_factor: float = 1.25
+    noise: float = 1.0
+    aux_loss_coef: float = 0.01
+
+    def validate_fields(self) -> None:
+        super().validate_fields()
+        check_positive(self, "n_experts", "router_top_k")
+        if self.router_top_k > self.n_experts:
+            raise ValueError(f"{type(self).__name__}.router_top_k={self.router_top_k} must be <= "
+                             f"n_experts={self.n_experts}")
+        _check_positive_float(self, "capacity_factor")
+        for f in ("noise", "aux_loss_coef"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"{type(self).__name__}.{f} must be >= 0, got {v!r}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # for tests: a few thousand parameters
+    "tiny": dict(vocab_size=64, hidden_size=32, n_heads=4, num_hidden_layers=2, n_positions=64, dense_lags=8,
+                 hidden_dropout_prob=0.0),
+    # the prototype's size: 20 blocks of width 800 with 20 heads (D = 40). Its true count with the T5
+    # vocabulary is 180,164,800: 153,664,000 in the blocks (12 C^2 + 4 C each), 26,499,200 in the token and
+    # position embeddings, 1,600 in the final LayerNorm; not the 77M it claimed. tests/models/test_leviathan.py
+    # asserts these numbers.
+    "base": dict(vocab_size=32100, hidden_size=800, n_heads=20, num_hidden_layers=20, n_positions=1024),
+}
+
+
+def leviathan_config(name: str, config_class: type[LeviathanConfig] = LeviathanConfig,
+                     **overrides: Any) -> LeviathanConfig:
+    """A preset ("tiny" or "base") as ``config_class``, with any field overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown Leviathan preset {name!r}; choose from {sorted(PRESETS)}")
+    return config_class(**{**PRESETS[name], **overrides})
