@@ -113,6 +113,8 @@ def test_spec_overrides_reach_the_config():
     assert model.config.kernel_size == 8 and model.config.label_smoothing == 0.0
     gpt2 = build_model("gpt2:ffn_multiplier=2,activation_function=relu", SIZE, ByteTokenizer())
     assert gpt2.config.n_inner == 128 and gpt2.config.activation_function == "relu"
+    design = build_model("fastformer:decay=none,scale_logits=true", SIZE, ByteTokenizer())
+    assert design.config.decay == "none" and design.config.scale_logits is True  # the string choice, not None
     with pytest.raises(ValueError, match="unknown FastformerConfig field.*kernal"):
         build_model("fastformer:kernal=3", SIZE, ByteTokenizer())
 

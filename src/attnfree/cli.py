@@ -232,7 +232,7 @@ def _compare_parser(sub: Any) -> None:
                        description="Train each model on the same data, tokenizer, seed and budget (each in its own "
                        "process), then write results.md, results.json and BPC plots into --output-dir.")
     _add_recipe_flags(p)
-    p.add_argument("--models", default="fastformer,fastformer-conv,gpt2",
+    p.add_argument("--models", default="fastformer,fastformer-conv,leviathan,gpt2",
                    help=f"comma-separated model specs (registered: {', '.join(sorted(MODELS))}); "
                    "overrides ride along: 'fastformer:residual=normed,kernel_size=8,gpt2'")
     p.add_argument("--prompt", default="ROMEO:", help="prompt of the generated samples (default: 'ROMEO:')")

@@ -1,4 +1,4 @@
-"""``make demo``: the ``demo`` recipe's comparison of fastformer, fastformer-conv and GPT-2 on Tiny
+"""``make demo``: the ``demo`` recipe's comparison of fastformer, fastformer-conv, Leviathan and GPT-2 on Tiny
 Shakespeare, written to ``runs/demo/`` (results.md, results.json, plots), with the table printed at the end.
 
 Usage: ``python -m attnfree.demo [--output-dir DIR] [--max-steps N] [--models a,b,c]``.
@@ -14,7 +14,7 @@ from attnfree.compare import compare
 from attnfree.models.registry import split_model_list
 from attnfree.training import recipe
 
-DEMO_MODELS = "fastformer,fastformer-conv,gpt2"
+DEMO_MODELS = "fastformer,fastformer-conv,leviathan,gpt2"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -121,9 +121,12 @@ def split_model_list(text: str) -> list[str]:
 
 
 def _coerce(value: Any, default: Any) -> Any:
-    """Match the type of the config's default where that is lossless (``1`` -> ``1.0`` for a float field)."""
+    """Match the type of the config's default where that is lossless (``1`` -> ``1.0`` for a float field,
+    ``none`` -> ``"none"`` for a string field)."""
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(default, str) and value is None:  # "decay=none" names the string choice, not Python's None
+        return "none"
     return value
 
 
