@@ -43,6 +43,24 @@ def check_positions(position_ids: Tensor, n_positions: int) -> None:
         )
 
 
+def embed_inputs(
+    embed_tokens: torch.nn.Embedding,
+    embed_positions: torch.nn.Embedding | None,
+    input_ids: Tensor | None,
+    inputs_embeds: Tensor | None,
+    position_ids: Tensor,
+) -> Tensor:
+    """Token embeddings (checked ids) plus learned position embeddings (checked positions): [B, T, C]."""
+    if inputs_embeds is None:
+        assert input_ids is not None
+        check_input_ids(input_ids, embed_tokens.num_embeddings)
+        inputs_embeds = embed_tokens(input_ids)
+    if embed_positions is not None:
+        check_positions(position_ids, embed_positions.num_embeddings)
+        inputs_embeds = inputs_embeds + embed_positions(position_ids)
+    return inputs_embeds
+
+
 def causal_lm_loss(
     logits: Tensor,
     labels: Tensor,

@@ -26,8 +26,7 @@ from attnfree.layers.ffn import FeedForward
 from attnfree.models.common import (
     RecurrentGenerationMixin,
     causal_lm_loss,
-    check_input_ids,
-    check_positions,
+    embed_inputs,
     position_ids_from_mask,
 )
 from attnfree.models.fastformer.configuration_fastformer import FastformerConfig
@@ -105,14 +104,8 @@ class FastformerModel(FastformerPreTrainedModel):
 
     def embed(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, position_ids: Tensor) -> Tensor:
         """Token (+ learned position) embeddings, LayerNorm, dropout: [B, T] -> [B, T, C]."""
-        if inputs_embeds is None:
-            assert input_ids is not None
-            check_input_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
-        if self.embed_positions is not None:
-            check_positions(position_ids, self.config.n_positions)
-            inputs_embeds = inputs_embeds + self.embed_positions(position_ids)
-        return self.dropout(self.embed_norm(inputs_embeds))
+        return self.dropout(self.embed_norm(embed_inputs(self.embed_tokens, self.embed_positions, input_ids,
+                                                         inputs_embeds, position_ids)))
 
     def forward(
         self,

@@ -36,7 +36,7 @@ from attnfree.models.common import (
     RecurrentGenerationMixin,
     causal_lm_loss,
     check_input_ids,
-    check_positions,
+    embed_inputs,
     position_ids_from_mask,
 )
 from attnfree.models.leviathan.configuration_leviathan import (
@@ -187,14 +187,8 @@ class LeviathanModel(LeviathanPreTrainedModel):
 
     def embed(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, position_ids: Tensor) -> Tensor:
         """Token (+ learned position) embeddings, dropout: [B, T] -> [B, T, C]."""
-        if inputs_embeds is None:
-            assert input_ids is not None
-            check_input_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
-        if self.embed_positions is not None:
-            check_positions(position_ids, self.config.n_positions)
-            inputs_embeds = inputs_embeds + self.embed_positions(position_ids)
-        return self.dropout(inputs_embeds)
+        return self.dropout(embed_inputs(self.embed_tokens, self.embed_positions, input_ids, inputs_embeds,
+                                         position_ids))
 
     def run(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, position_ids: Tensor,
             mask: Tensor | None, caches: LayerCaches | None, output_hidden_states: bool = False
