@@ -13,6 +13,14 @@ def check_positive(config: Any, *fields: str) -> None:
             raise ValueError(f"{type(config).__name__}.{f} must be a positive integer, got {v!r}")
 
 
+def check_positive_float(config: Any, *fields: str) -> None:
+    """Real values > 0 (initializer range, LayerNorm epsilon, capacity factor)."""
+    for f in fields:
+        v = getattr(config, f)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"{type(config).__name__}.{f} must be > 0, got {v!r}")
+
+
 def check_probability(config: Any, *fields: str) -> None:
     """Values in [0, 1) (dropout, label smoothing)."""
     for f in fields:

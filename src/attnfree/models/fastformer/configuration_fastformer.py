@@ -9,6 +9,7 @@ from attnfree.models.validation import (
     check_choice,
     check_divisible,
     check_positive,
+    check_positive_float,
     check_probability,
     check_token_ids,
 )
@@ -97,10 +98,7 @@ class FastformerConfig(PreTrainedConfig):
         check_choice(self, "residual", RESIDUAL_MODES)
         check_choice(self, "decay", DECAY_MODES)
         check_token_ids(self, "pad_token_id", "bos_token_id", "eos_token_id")
-        if not self.initializer_range > 0:
-            raise ValueError(f"FastformerConfig.initializer_range must be > 0, got {self.initializer_range!r}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"FastformerConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        check_positive_float(self, "initializer_range", "layer_norm_eps")
 
 
 # The name used by the earlier ``fastformerLM`` package.

@@ -12,6 +12,7 @@ from attnfree.models.validation import (
     check_choice,
     check_divisible,
     check_positive,
+    check_positive_float,
     check_probability,
     check_token_ids,
 )
@@ -24,13 +25,6 @@ BLOCK_FLAVOURS: dict[str, tuple[str, int]] = {
     "relu3": ("relu", 3),
     "leaky6": ("leaky_relu", 6),
 }
-
-
-def _check_positive_float(config: Any, *fields: str) -> None:
-    for f in fields:
-        v = getattr(config, f)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise ValueError(f"{type(config).__name__}.{f} must be > 0, got {v!r}")
 
 
 @strict
@@ -108,7 +102,7 @@ class LeviathanConfig(PreTrainedConfig):
         check_choice(self, "position_embedding_type", POSITION_EMBEDDING_TYPES)
         check_choice(self, "block_flavour", BLOCK_FLAVOURS)
         check_probability(self, "hidden_dropout_prob", "label_smoothing")
-        _check_positive_float(self, "initializer_range", "layer_norm_eps")
+        check_positive_float(self, "initializer_range", "layer_norm_eps")
         check_token_ids(self, "pad_token_id", "bos_token_id", "eos_token_id")
 
 
@@ -171,7 +165,7 @@ class LeviathanMoEConfig(LeviathanConfig):
         if self.router_top_k > self.n_experts:
             raise ValueError(f"{type(self).__name__}.router_top_k={self.router_top_k} must be <= "
                              f"n_experts={self.n_experts}")
-        _check_positive_float(self, "capacity_factor")
+        check_positive_float(self, "capacity_factor")
         for f in ("noise", "aux_loss_coef"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
