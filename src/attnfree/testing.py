@@ -45,3 +45,16 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: 
             f"{name}: relative RMS error {rel_rms:.3e} > {tol:.1e}; "
             f"max abs error {diff.abs().max().item():.3e} at {where}"
         )
+
+
+def perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """Overwrite every parameter with N(0, std) noise from a seeded generator, in name order.
+
+    Test models use it so that every path visibly matters (a default init can hide structure, e.g.
+    Fastformer's zero score vectors make every head pool uniformly). Returns the model.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * std)
+    return model

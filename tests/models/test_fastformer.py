@@ -8,19 +8,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import attnfree  # noqa: F401  (registers the Auto classes)
 from attnfree import FastformerConfig, FastformerForCausalLM, FastformerLMConfig, FastformerModel
-from attnfree.testing import assert_close
+from attnfree.testing import assert_close, perturb
 
 TINY = dict(hidden_size=24, n_heads=3, vocab_size=40, num_hidden_layers=2, n_positions=64,
             hidden_dropout_prob=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
-def perturb(model, seed=0, std=0.3):
-    """Random weights everywhere (the default init has zero score vectors, hiding head structure)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * std)
-    return model
 
 
 def tiny(dtype=torch.float64, **kw):

@@ -31,7 +31,7 @@ from attnfree.models.leviathan import (
     leviathan_config,
 )
 from attnfree.ops.correlation import CorrelationState
-from attnfree.testing import assert_close
+from attnfree.testing import assert_close, perturb
 
 # n_positions=32 and dense_lags=4: lags 0..3, 4, 8, 16, so T=24 wraps the decoding ring buffers
 TINY = dict(hidden_size=24, n_heads=3, vocab_size=40, num_hidden_layers=2, n_positions=32, dense_lags=4, segment=2,
@@ -51,15 +51,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def perturb(model, seed=0, std=0.3):
-    """Random weights everywhere (larger than the init, so every path visibly matters)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * std)
-    return model
 
 
 def config(kind="base", **kw) -> LeviathanConfig:
