@@ -2,13 +2,15 @@
 number of tokens per batch (batch = tokens / T), for each model at the same size.
 
     python -m benchmarks.train_throughput [--quick] [--out runs/bench/train_throughput.json]
-        [--seq-lens 256,1024,4096] [--models fastformer,gpt2] [--threads 2] [--max-seconds-per-point 900]
+        [--seq-lens 256,1024,4096] [--models fastformer,gpt2] [--threads 2] [--max-seconds-per-point 900] [--compile]
 
 Each (model, T) point runs in its own forked process, so its peak memory is that process's ru_maxrss; the
 table gives it raw and minus a baseline taken right after the model is built. Points run T by T with the
 models in turn, so a change of machine load hits every model at about the same T. A point whose first
 step says the whole point would take longer than --max-seconds-per-point is skipped with a note, and so
-are that model's longer T.
+are that model's longer T. With --compile every model also runs compiled (torch.compile, inductor): rows
+carry ``compiled``, the compilation time (``compile_s``: the first step, not timed otherwise) and ``vs_eager``;
+``vs_gpt2`` compares like with like (compiled with compiled GPT-2).
 
 """
 
@@ -38,20 +40,23 @@ MODELS = ("fastformer", "fastformer-conv", "leviathan", "gpt2")
 SEQ_LENS = tuple(256 * 2**i for i in range(7))  # 256 .. 16384
 
 
-def train_point(name: str, seq_len: int, sizes: Sizes, warmup: int, steps: int, max_seconds: float) -> Row:
+def train_point(name: str, seq_len: int, sizes: Sizes, warmup: int, steps: int, max_seconds: float,
+                compiled: bool = False) -> Row:
     """Median step time of forward + backward + AdamW at [B, T] = [tokens / T, T] (runs in a forked child)."""
     torch.manual_seed(0)
     model = build(name, sizes, n_positions=seq_len).train()
+    forward = torch.compile(model) if compiled else model
     baseline = peak_rss_mib()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = max(1, sizes.tokens // seq_len)
     ids = torch.randint(2, sizes.vocab_size, (batch, seq_len))
 
     def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
+        forward(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    compile_s = median_time(step, repeats=1, warmup=0) if compiled else 0.0  # the first call compiles
     first = median_time(step, repeats=1, warmup=0)  # also the first warm-up step
     if first * (warmup + steps) > max_seconds:
         return {"batch": batch, "first_step_s": first, "note": f"skipped: first step {first:.0f} s, "
@@ -59,25 +64,33 @@ def train_point(name: str, seq_len: int, sizes: Sizes, warmup: int, steps: int, 
     step_s = median_time(step, repeats=steps, warmup=max(0, warmup - 1))
     peak = peak_rss_mib()
     return {"batch": batch, "step_s": step_s, "tokens_per_s": batch * seq_len / step_s, "peak_rss_mib": peak,
-            "delta_rss_mib": peak - baseline}
+            "delta_rss_mib": peak - baseline, **({"compile_s": compile_s} if compiled else {})}
 
 
 def add_ratios(rows: list[Row]) -> None:
-    """vs_gpt2: tokens/s over gpt2's at the same T (where both were measured)."""
-    gpt2 = {r["T"]: r["tokens_per_s"] for r in rows if r["model"] == "gpt2" and "tokens_per_s" in r}
+    """vs_gpt2: tokens/s over gpt2's at the same T and compilation (where both were measured); vs_eager:
+    a compiled row's tokens/s over the same model's eager row."""
+    speed = {(r["model"], r["T"], r.get("compiled", False)): r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
     for r in rows:
-        if "tokens_per_s" in r and r["T"] in gpt2:
-            r["vs_gpt2"] = r["tokens_per_s"] / gpt2[r["T"]]
+        compiled = r.get("compiled", False)
+        if "tokens_per_s" in r and ("gpt2", r["T"], compiled) in speed:
+            r["vs_gpt2"] = r["tokens_per_s"] / speed["gpt2", r["T"], compiled]
+        if "tokens_per_s" in r and compiled and (r["model"], r["T"], False) in speed:
+            r["vs_eager"] = r["tokens_per_s"] / speed[r["model"], r["T"], False]
 
 
 def flatness(rows: list[Row]) -> dict[str, float]:
     """Per model, max / min tokens/s across the measured T (1.0 = throughput independent of T)."""
     out = {}
-    for name in dict.fromkeys(r["model"] for r in rows):
-        speeds = [r["tokens_per_s"] for r in rows if r["model"] == name and "tokens_per_s" in r]
+    for name in dict.fromkeys(label(r) for r in rows):
+        speeds = [r["tokens_per_s"] for r in rows if label(r) == name and "tokens_per_s" in r]
         if speeds:
             out[name] = max(speeds) / min(speeds)
     return out
+
+
+def label(row: Row) -> str:
+    return row["model"] + ("+compile" if row.get("compiled") else "")
 
 
 def main() -> None:
@@ -91,6 +104,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median)")
     parser.add_argument("--max-seconds-per-point", type=float, default=900.0)
+    parser.add_argument("--compile", action="store_true", help="also time every model under torch.compile")
     args = parser.parse_args()
     sizes = QUICK if args.quick else Sizes(tokens=args.tokens)
     seq_lens = [64, 128] if args.quick else ints(args.seq_lens)
@@ -98,27 +112,34 @@ def main() -> None:
     rows: list[Row] = []
     given_up: set[str] = set()
     names = available(args.models.split(","))
+    modes = (False, True) if args.compile else (False,)
     for seq_len in seq_lens:
-        for name in names:
-            if name in given_up:
-                rows.append({"model": name, "T": seq_len, "note": "skipped: a shorter T already ran out of time"})
+        for name, compiled in ((n, c) for n in names for c in modes):
+            key = name + ("+compile" if compiled else "")
+            if key in given_up:
+                rows.append({"model": name, "T": seq_len, "compiled": compiled,
+                             "note": "skipped: a shorter T already ran out of time"})
                 continue
             kwargs = dict(name=name, seq_len=seq_len, sizes=sizes, warmup=warmup, steps=steps,
-                          max_seconds=args.max_seconds_per_point)
-            row = {"model": name, "T": seq_len,
+                          max_seconds=args.max_seconds_per_point, compiled=compiled)
+            row = {"model": name, "T": seq_len, "compiled": compiled,
                    **run_isolated(train_point, kwargs, args.threads, 2 * args.max_seconds_per_point + 60)}
             if "tokens_per_s" not in row:
-                given_up.add(name)
+                given_up.add(key)
             rows.append(row)
-            print(f"{name} T={seq_len}: {row.get('tokens_per_s', 0):.0f} tokens/s {row.get('note', '')}", flush=True)
+            print(f"{key} T={seq_len}: {row.get('tokens_per_s', 0):.0f} tokens/s {row.get('note', '')}", flush=True)
     add_ratios(rows)
     columns = ["model", "T", "batch", "tokens_per_s", "vs_gpt2", "step_s", "peak_rss_mib", "delta_rss_mib", "note"]
+    if args.compile:
+        columns[1:1] = ["compiled"]
+        columns[-1:-1] = ["vs_eager", "compile_s"]
     table = print_table(rows, columns)
     flat = flatness(rows)
     print("max/min tokens/s across T: " + ", ".join(f"{k} {v:.2f}" for k, v in flat.items()))
     out = write_json(args.out, {"sizes": asdict(sizes), "threads": args.threads, "steps": steps, "warmup": warmup,
+                                "compile": args.compile,
                                 "rows": rows, "max_over_min_tokens_per_s": flat, "table": table})
-    plot_lines(out.with_suffix(".png"), rows, "T", ["tokens_per_s", "delta_rss_mib"], lambda r: r["model"],
+    plot_lines(out.with_suffix(".png"), rows, "T", ["tokens_per_s", "delta_rss_mib"], label,
                f"training, {sizes.tokens} tokens/batch, {args.threads} threads")
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

@@ -23,6 +23,8 @@ EXPECTED = {
             ("additive_ms", "correlation_ms", "cumsum_ms", "sdpa_ms", "additive/cumsum", "correlation/sdpa")),
     "utilization": ({"model", "T", "batch", "n_matmul", "gflop_per_token", "tokens_per_s", "gflop_per_s", "mfu",
                      "meets_target"}, ("n_matmul", "gflop_per_token", "tokens_per_s", "gflop_per_s", "mfu")),
+    "precision": ({"model", "precision", "seed", "bpc", "final_loss", "tokens_per_s", "train_seconds", "steps",
+                   "finite"}, ("bpc", "tokens_per_s", "train_seconds")),
 }
 
 

@@ -125,7 +125,13 @@ class TrainSettings:
     log_every: int = field(default=10, metadata=_doc("log the training loss every this many steps"))
     report_to: list[str] = field(default_factory=list, metadata=_doc(
         "experiment trackers: tensorboard, wandb, mlflow, ... (when installed); empty: none"))
-    bf16: bool = field(default=False, metadata=_doc("bfloat16 mixed precision"))
+    bf16: bool = field(default=False, metadata=_doc(
+        "bfloat16 mixed precision: matmuls under torch.autocast in bfloat16, weights and optimizer in float32"))
+    fp16: bool = field(default=False, metadata=_doc(
+        "float16 mixed precision (autocast, with dynamic loss scaling); not together with bf16"))
+    compile: bool = field(default=False, metadata=_doc(
+        "torch.compile the model for training (inductor; the first step compiles, about a minute on a small CPU); "
+        "evaluation and generation run the eager model"))
     threads: int | None = field(default=None, metadata=_doc(
         "torch CPU threads for this process (None: torch's default); sets torch.set_num_threads"))
     progress: bool = field(default=True, metadata=_doc("show progress bars"))
@@ -212,6 +218,8 @@ def _validate(s: TrainSettings) -> None:
         _fail("resume", "must be a bool or a checkpoint path", s.resume)
     if not s.data or not s.tokenizer or not s.output_dir:
         _fail("data" if not s.data else "tokenizer" if not s.tokenizer else "output_dir", "must be non-empty", "")
+    if s.bf16 and s.fp16:
+        _fail("fp16", "must not be set together with bf16 (choose one mixed precision)", s.fp16)
     _check_training_args(s.extra_training_args)
 
 
@@ -222,7 +230,7 @@ _OWNED_ARGS = {
     "adam_beta1": "betas", "adam_beta2": "betas", "warmup_steps": "warmup_steps",
     "lr_scheduler_type": "lr_scheduler", "max_grad_norm": "max_grad_norm", "seed": "seed",
     "logging_steps": "log_every", "save_steps": "save_every", "report_to": "report_to", "bf16": "bf16",
-    "disable_tqdm": "progress",
+    "fp16": "fp16", "torch_compile": "compile", "disable_tqdm": "progress",
 }
 
 
@@ -482,7 +490,8 @@ def training_arguments(s: TrainSettings) -> TrainingArguments:
         "lr_scheduler_type": s.lr_scheduler, "max_grad_norm": s.max_grad_norm, "seed": s.seed,
         "logging_steps": s.log_every, "logging_first_step": True, "eval_strategy": "no",
         "save_strategy": "steps" if s.save_every else "no", "save_steps": s.save_every or 500,
-        "report_to": s.report_to or "none", "bf16": s.bf16, "disable_tqdm": not s.progress,
+        "report_to": s.report_to or "none", "bf16": s.bf16, "fp16": s.fp16,
+        "torch_compile": s.compile, "disable_tqdm": not s.progress,
         "use_cpu": not torch.cuda.is_available(), "dataloader_num_workers": 0,
         "ddp_find_unused_parameters": False,
     }
@@ -551,6 +560,22 @@ def _histories(state: TrainerState) -> tuple[list[dict[str, Any]], list[dict[str
     return evals, losses
 
 
+def enable_cpu_fp16(trainer: Trainer) -> None:
+    """Make ``fp16=True`` real on CPU: float16 autocast plus a dynamic loss scaler (``torch.amp.GradScaler``).
+
+    accelerate (1.15) accepts mixed_precision="fp16" on CPU but then does nothing: no autocast, no scaler, a
+    silent float32 run. Its own fp16 machinery works on CPU once switched on, and it is switched on here, before
+    ``train()`` prepares the model: ``prepare`` wraps forward in ``torch.autocast("cpu", torch.float16)``,
+    ``backward`` scales the loss, gradient clipping unscales first, and the optimizer step skips (and lowers the
+    scale) when a gradient overflowed.
+    """
+    accelerator = trainer.accelerator
+    if accelerator.mixed_precision != "fp16":
+        raise ValueError(f"enable_cpu_fp16 needs TrainingArguments(fp16=True), got {accelerator.mixed_precision!r}")
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu")
+
+
 def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> RunResult:
     """Train ``settings.model`` and return (and, on the main process, save) its ``RunResult``.
 
@@ -576,6 +601,8 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     trainer = _InOrderTrainer(model=model, args=args, train_dataset=dataset,
                               callbacks=[*ours, *([budget] if budget else []), *callbacks])
     evaluator.log = trainer.log
+    if settings.fp16 and args.device.type == "cpu":
+        enable_cpu_fp16(trainer)
     trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = clock.seconds
     # 6: final evaluation and files (main process), shared with every process

@@ -17,10 +17,25 @@ def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token")
+    if torch.compiler.is_compiling():  # reading values would break the graph; inductor bounds-checks the lookup
+        return
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def padding_mask(attention_mask: Tensor | None) -> Tensor | None:
+    """[B, T] bool (True = real token), or None when nothing is padded (the mask-free path is faster).
+
+    Under torch.compile the all-ones test would read tensor data (a graph break), so a given mask is kept:
+    masking with an all-True mask gives exactly the mask-free values, so the result is the same either way.
+    """
+    if attention_mask is None:
+        return None
+    if not torch.compiler.is_compiling() and bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()
 
 
 def position_ids_from_mask(mask: Tensor | None, B: int, T: int, cache: RecurrentCache | None, device) -> Tensor:
@@ -35,6 +50,9 @@ def position_ids_from_mask(mask: Tensor | None, B: int, T: int, cache: Recurrent
 
 
 def check_positions(position_ids: Tensor, n_positions: int) -> None:
+    """Raise ValueError for a position beyond the learned table (skipped while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return
     top = int(position_ids.max())
     if top >= n_positions:
         raise ValueError(
@@ -73,11 +91,14 @@ def causal_lm_loss(
     Labels equal to -100 and positions where attention_mask is 0 are ignored (a masked copy; the
     caller's tensor is untouched). With ``num_items_in_batch`` (from transformers.Trainer under gradient
     accumulation) the summed loss is divided by that count instead of this batch's.
+
+    The labels are shifted (padded with -100 at the end), not the logits: slicing [B, T, V] logits would copy
+    them in forward and zero-fill plus copy their gradient in backward, the largest tensors of a training step.
     """
     if attention_mask is not None:
         labels = labels.masked_fill(attention_mask == 0, -100)
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    shift_logits = logits.float().reshape(-1, logits.shape[-1])  # [B*T, V] (a view for float32 logits)
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1).to(logits.device)  # [B*T]
     if num_items_in_batch is None:
         return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, label_smoothing=label_smoothing)
     total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, label_smoothing=label_smoothing,

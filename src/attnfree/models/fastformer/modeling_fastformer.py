@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -27,6 +28,7 @@ from attnfree.models.common import (
     RecurrentGenerationMixin,
     causal_lm_loss,
     embed_inputs,
+    padding_mask,
     position_ids_from_mask,
 )
 from attnfree.models.fastformer.configuration_fastformer import FastformerConfig
@@ -126,7 +128,7 @@ class FastformerModel(FastformerPreTrainedModel):
         device = input_ids.device if input_ids is not None else inputs_embeds.device  # type: ignore[union-attr]
         if T == 0:
             raise ValueError("empty input: the sequence has no tokens")
-        mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        mask = padding_mask(attention_mask)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and past_key_values is None:
             past_key_values = RecurrentCache(self.config.num_hidden_layers, B, device)
@@ -193,7 +195,9 @@ class FastformerForCausalLM(RecurrentGenerationMixin, FastformerPreTrainedModel,
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, use_cache,
                          output_hidden_states)
         h = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
-        logits = self.lm_head(h) * self.logit_scale  # [B, T, V]
+        # (h W^T + b) s as (s h) W^T + s b: the scale touches [B, T, C], not the V/C times larger logits
+        logits = self.lm_head(h) if self.logit_scale == 1.0 else F.linear(
+            h * self.logit_scale, self.lm_head.weight, self.lm_head.bias * self.logit_scale)  # [B, T, V]
         loss = None
         if labels is not None:
             smoothing = self.config.label_smoothing if self.training else 0.0  # never at evaluation

@@ -37,6 +37,7 @@ from attnfree.models.common import (
     causal_lm_loss,
     check_input_ids,
     embed_inputs,
+    padding_mask,
     position_ids_from_mask,
 )
 from attnfree.models.leviathan.configuration_leviathan import (
@@ -229,7 +230,7 @@ class LeviathanModel(LeviathanPreTrainedModel):
         B, T, device = ref.shape[0], ref.shape[1], ref.device
         if T == 0:
             raise ValueError("empty input: the sequence has no tokens")
-        mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        mask = padding_mask(attention_mask)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and past_key_values is None:
             past_key_values = RecurrentCache(self.config.num_hidden_layers, B, device)
@@ -320,7 +321,7 @@ class LeviathanEnsembleModel(LeviathanPreTrainedModel):
             raise ValueError("the ensemble takes input_ids, not inputs_embeds (each member has its own embeddings)")
         ids, attn = self.streams(as_tensor(input_ids), as_tensor(attention_mask))
         S, B, T = ids.shape
-        mask = None if bool(attn.all()) else attn.bool()
+        mask = padding_mask(attn)
         use_cache = use_cache if use_cache is not None else (c.use_cache and not self.training)
         if use_cache and past_key_values is None:
             past_key_values = RecurrentCache(c.n_members * c.num_hidden_layers, S * B, ids.device)

@@ -20,6 +20,7 @@ give the same values and are tested separately.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +160,7 @@ def correlation_parallel(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    lags: Tensor,
+    lags: Tensor | Sequence[int],
     segment: int = 4,
     mask: Tensor | None = None,
     initial_state: CorrelationState | None = None,
@@ -167,7 +168,7 @@ def correlation_parallel(
 ) -> tuple[Tensor, CorrelationState | None]:
     """Causal cross-correlation for training and prefill: q, k, v [B, T, H, D] -> o [B, T, H, D].
 
-    lags: [L] long, sorted, lags[0] = 0.  segment: J >= 1.  mask: [B, T] bool (True = real token).
+    lags: [L] long (or a tuple of ints), sorted, lags[0] = 0.  segment: J >= 1.  mask: [B, T] bool (True = real token).
     initial_state continues a sequence (its max(L)+J positions of history are prepended).
     """
     lag_list = check_inputs(q, k, v, lags, segment, mask, initial_state)

@@ -7,6 +7,7 @@ its slot first and then reads everything it needs from the buffers (no torch.cat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,13 +56,19 @@ def make_lags(dense: int = 32, max_positions: int = 1024) -> Tensor:
     return torch.tensor(sorted(set(lags)), dtype=torch.long)
 
 
-def check_lags(lags: Tensor) -> list[int]:
-    """Validate a lag set (1-D integer tensor, starts at 0, strictly increasing); return it as a list."""
-    if not isinstance(lags, Tensor) or lags.dim() != 1 or lags.numel() == 0:
-        raise ValueError("lags must be a non-empty 1-D tensor")
-    if lags.dtype.is_floating_point or lags.dtype.is_complex or lags.dtype == torch.bool:
-        raise ValueError(f"lags must be an integer tensor, got {lags.dtype}")
-    values = [int(x) for x in lags.tolist()]
+def check_lags(lags: Tensor | Sequence[int]) -> list[int]:
+    """Validate a lag set (1-D integer tensor, starts at 0, strictly increasing); return it as a list.
+
+    A tuple of ints is accepted too: layers pass one under torch.compile, where reading a tensor's values
+    would break the graph.
+    """
+    if isinstance(lags, Tensor):
+        values = _tensor_lags(lags)
+    elif isinstance(lags, (tuple, list)) and lags and all(isinstance(x, int) and not isinstance(x, bool)
+                                                           for x in lags):
+        values = list(lags)
+    else:
+        raise ValueError(f"lags must be a non-empty 1-D tensor or a sequence of ints, got {lags!r}")
     if min(values) < 0:
         raise ValueError(f"lags must be non-negative, got {values}")
     if values[0] != 0:
@@ -69,6 +76,14 @@ def check_lags(lags: Tensor) -> list[int]:
     if any(b <= a for a, b in zip(values, values[1:])):
         raise ValueError(f"lags must be sorted and distinct, got {values}")
     return values
+
+
+def _tensor_lags(lags: Tensor) -> list[int]:
+    if lags.dim() != 1 or lags.numel() == 0:
+        raise ValueError("lags must be a non-empty 1-D tensor")
+    if lags.dtype.is_floating_point or lags.dtype.is_complex or lags.dtype == torch.bool:
+        raise ValueError(f"lags must be an integer tensor, got {lags.dtype}")
+    return [int(x) for x in lags.tolist()]
 
 
 def check_segment(segment: int) -> None:
@@ -124,7 +139,7 @@ def check_inputs(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    lags: Tensor,
+    lags: Tensor | Sequence[int],
     segment: int,
     mask: Tensor | None,
     state: CorrelationState | None,
