@@ -6,6 +6,10 @@
 Floors: ``torch.cumsum`` along T (the memory-bound least a causal running sum costs) and causal
 ``F.scaled_dot_product_attention`` (softmax attention, O(T^2)). Shapes: [4, 1024, 4, 64], then a T sweep
 256 .. 8192 with B = clamp(4096 / T, 1, 4). The four ops run round-robin, medians reported.
+
+On a machine with CUDA (skipped otherwise) a second table times the additive op's Triton kernels against its
+PyTorch form and SDPA's flash attention (bfloat16, [B, T, 8, 64], T = 1024 .. 16384, B = 16384 / T), written
+under "cuda_rows" in the same JSON.
 """
 
 from __future__ import annotations
@@ -53,6 +57,53 @@ def _cumsum(shape: Shape) -> Op:
 
 def _sdpa(shape: Shape) -> Op:
     return [torch.randn(shape) for _ in range(3)], _causal_sdpa
+
+
+def _cuda_randn(*shapes: tuple[int, ...]) -> list[Tensor]:
+    return [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for shape in shapes]
+
+
+def _cuda_ops(shape: Shape) -> dict[str, Op]:
+    """Triton kernel, PyTorch form and flash attention on the same bfloat16 CUDA shape."""
+    from attnfree.ops.additive.triton import additive_pool_triton
+
+    return {"additive_triton": (_cuda_randn(shape, shape[:3]), lambda x, s: additive_pool_triton(x, s)[0]),
+            "additive_torch": (_cuda_randn(shape, shape[:3]), lambda x, s: additive_pool_parallel(x, s)[0]),
+            "sdpa_flash": (_cuda_randn(shape, shape, shape), _causal_sdpa)}
+
+
+def _synced(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> None:
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
+def measure_cuda(shape: Shape, mode: str, repeats: int) -> Row:
+    """Median ms on the GPU of the Triton kernel, the PyTorch form and flash attention (SDPA)."""
+    fns = {name: _synced(MODES[mode](*op)) for name, op in _cuda_ops(shape).items()}
+    ms = {f"{name}_ms": s * 1e3 for name, s in round_robin(fns, repeats).items()}
+    ratios = {"triton/sdpa_flash": ms["additive_triton_ms"] / ms["sdpa_flash_ms"],
+              "triton/torch": ms["additive_triton_ms"] / ms["additive_torch_ms"]}
+    return {"shape": list(shape), "T": shape[1], "mode": mode, **ms, **ratios}
+
+
+CUDA_SWEEP: list[Shape] = [(max(1, 16384 // t), t, 8, 64) for t in (1024, 2048, 4096, 8192, 16384)]
+
+
+def cuda_table(repeats: int) -> list[Row]:
+    """The GPU comparison, SDPA restricted to its flash-attention kernel; [] without CUDA."""
+    if not torch.cuda.is_available():
+        print("no CUDA: the Triton kernel comparison is skipped")
+        return []
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        rows = [measure_cuda(shape, mode, repeats) for shape in CUDA_SWEEP for mode in MODES]
+    print_table(rows, ["shape", "mode", "additive_triton_ms", "additive_torch_ms", "sdpa_flash_ms",
+                       "triton/sdpa_flash", "triton/torch"])
+    return rows
 
 
 OPS: dict[str, Callable[[Shape], Op]] = {"additive": _additive, "correlation": _correlation, "cumsum": _cumsum,
@@ -105,7 +156,9 @@ def main() -> None:
     rows = [measure(shape, mode, repeats) for shape in shapes for mode in MODES]
     columns = ["shape", "mode", *(f"{n}_ms" for n in OURS + FLOORS), *(f"{o}/{f}" for o in OURS for f in FLOORS)]
     table = print_table(rows, columns)
-    out = write_json(args.out, {"threads": args.threads, "repeats": repeats, "rows": rows, "table": table})
+    cuda_rows = [] if args.quick else cuda_table(repeats)
+    out = write_json(args.out, {"threads": args.threads, "repeats": repeats, "rows": rows, "table": table,
+                                "cuda_rows": cuda_rows})
     sweep = [r for r in rows if r["shape"] != list(SHAPE)]
     long_rows = [{"T": r["T"], "op": f"{name} {r['mode']}", "ms": r[f"{name}_ms"]} for r in sweep
                  for name in OURS + FLOORS]

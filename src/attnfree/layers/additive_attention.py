@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnfree.ops.additive import AdditiveState, additive_pool_parallel, additive_pool_step, additive_pool_step_
+from attnfree.ops.additive import AdditiveState, additive_pool, additive_pool_step, additive_pool_step_
 
 DECAY_MODES = ("none", "fixed", "learned")
 
@@ -75,7 +75,7 @@ class FastformerAttention(nn.Module):
             g, new_state = additive_pool_step(xh[:, 0], scores[:, 0], None if mask is None else mask[:, 0], state)
             g = g.unsqueeze(1)
         else:  # training / prefill (continuing from a state if there is one)
-            g, new_state = additive_pool_parallel(xh, scores, mask, state, cache is not None, self.chunk)
+            g, new_state = additive_pool(xh, scores, mask, state, cache is not None, self.chunk)  # Triton on GPU
         if cache is not None:
             cache[key] = new_state
         return g.reshape(B, T, C)

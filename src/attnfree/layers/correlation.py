@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnfree.ops.correlation import correlation_parallel, correlation_step
+from attnfree.ops.correlation import correlation, correlation_step
 
 STATE_KEY = "correlation"  # where a layer's CorrelationState lives in its cache dict
 
@@ -44,6 +44,7 @@ class MultiHeadedCorrelation(nn.Module):
         # a plain CPU tensor, not a buffer: the ops read it as a list (decoding moves it to the device), and it
         # must hold values even when the module is built on the meta device
         self.lags = torch.as_tensor(lags, dtype=torch.long, device="cpu").clone()
+        self.lag_values = tuple(int(x) for x in self.lags.tolist())  # read by torch.compile without a graph break
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
         self.out = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -59,8 +60,8 @@ class MultiHeadedCorrelation(nn.Module):
             o_t, state = correlation_step(q[:, 0], k[:, 0], v[:, 0], self.lags, self.segment, mask_t, state)
             o = o_t.unsqueeze(1)  # [B, 1, H, D]
         else:  # training / prefill (continuing from a state if there is one)
-            o, state = correlation_parallel(q, k, v, self.lags, self.segment, mask, initial_state=state,
-                                            output_final_state=cache is not None)
+            o, state = correlation(q, k, v, self.lag_values, self.segment, mask, initial_state=state,
+                                   output_final_state=cache is not None)
         if cache is not None:
             cache[STATE_KEY] = state
         return self.dropout(self.out(o.reshape(B, T, C)))

@@ -12,12 +12,45 @@ positions, the outputs of the same sequence alone. Cost O(T L J D), never O(T^2)
 - ``correlation_naive``: float64 loop over t and lags, the equations as written (reference).
 - ``correlation_parallel``: banded block matmuls and a box filter, for training and prefill.
 - ``correlation_recurrent``: one token at a time through ``correlation_step`` (decoding).
+- ``correlation_triton`` (in ``.triton``, imported only when used): Triton kernels, forward and backward.
+- ``correlation``: the dispatcher the layers call: the Triton kernels when ``attnfree.ops.backend.use_triton``
+  says so (CUDA tensors with triton installed, or the backend forced to 'triton'), else the parallel form.
+  float64 inputs always take the parallel form (the kernels accumulate in float32).
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from attnfree.ops.backend import use_triton
 from attnfree.ops.correlation.naive import correlation_naive
 from attnfree.ops.correlation.parallel import correlation_parallel
 from attnfree.ops.correlation.recurrent import correlation_recurrent, correlation_step
 from attnfree.ops.correlation.state import CorrelationState, init_correlation_state, make_lags
+
+
+def correlation(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lags: Tensor | Sequence[int],
+    segment: int = 4,
+    mask: Tensor | None = None,
+    initial_state: CorrelationState | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, CorrelationState | None]:
+    """Causal cross-correlation for training and prefill on the chosen kernel backend (same signature and
+    values as ``correlation_parallel``): Triton kernels where ``use_triton`` says so, PyTorch otherwise."""
+    args = (q, k, v, lags, segment, mask, initial_state, output_final_state)
+    if q.dtype != torch.float64 and use_triton(q, k, v):
+        from attnfree.ops.correlation.triton import correlation_triton  # imports triton: only when used
+
+        return correlation_triton(*args)
+    return correlation_parallel(*args)
+
 
 CORRELATION_IMPLS = {
     "naive": correlation_naive,
@@ -28,6 +61,7 @@ CORRELATION_IMPLS = {
 __all__ = [
     "CORRELATION_IMPLS",
     "CorrelationState",
+    "correlation",
     "correlation_naive",
     "correlation_parallel",
     "correlation_recurrent",
