@@ -7,10 +7,49 @@ additive-pooling states ([B, H, D] + [B, H] + [B, H] each) and, with convolution
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from attnfree.ops.correlation.state import CorrelationState
+
+
+def _align_rings(state: CorrelationState, seen: int) -> CorrelationState:
+    """The same state relabelled so that its next position is ``seen``: every ring [B, capacity, ...] rolls by
+    (seen - state.seen) along dim 1, since the slot of position p is p % capacity. Slots never written stay
+    invalid, so a sequence that started later still sees nothing before its start."""
+    shift = seen - state.seen
+
+    def roll(t: Tensor) -> Tensor:
+        return torch.roll(t, shifts=shift % t.shape[1], dims=1)
+
+    return CorrelationState(roll(state.q), roll(state.k), roll(state.v), roll(state.valid), seen)
+
+
+def _concat_states(items: list[Any]) -> Any:
+    """Concatenate same-structured states along the batch dim 0 (tensors, NamedTuples, dataclasses, dicts)."""
+    first = items[0]
+    if isinstance(first, Tensor):
+        return torch.cat(items, dim=0)
+    if isinstance(first, CorrelationState):  # rings of different streams must agree on the slot of a position
+        seen = max(s.seen for s in items)
+        items = [_align_rings(s, seen) for s in items]
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        values = {f.name: _concat_states([getattr(s, f.name) for s in items])
+                  for f in dataclasses.fields(first) if f.init}
+        return dataclasses.replace(first, **values)
+    if isinstance(first, dict):
+        if any(d.keys() != first.keys() for d in items):
+            raise ValueError(f"cannot concatenate states with different keys: {[sorted(d) for d in items]}")
+        return {k: _concat_states([d[k] for d in items]) for k in first}
+    if isinstance(first, (tuple, list)):
+        parts = [_concat_states([s[j] for s in items]) for j in range(len(first))]
+        return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
+    if any(s != first for s in items):  # e.g. an int counter: it has to be shared by every row
+        raise ValueError(f"cannot concatenate states whose non-tensor values differ: {items}")
+    return first
 
 
 def _map_tensors(obj: Any, fn) -> Any:
@@ -65,6 +104,35 @@ class RecurrentCache:
         """Expand each sequence's state to ``repeats`` copies (num_return_sequences / beams after prefill)."""
         self.layers = [_map_tensors(d, lambda t: t.repeat_interleave(repeats, dim=0)) for d in self.layers]
         self.seen_tokens = self.seen_tokens.repeat_interleave(repeats, dim=0)
+
+    def select(self, rows: Sequence[int] | Tensor) -> RecurrentCache:
+        """A new cache holding only the given batch rows, in that order (the states are copied)."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.seen_tokens.device)
+        out = RecurrentCache(len(self.layers), 0, self.seen_tokens.device)
+        out.layers = [_map_tensors(d, lambda t: t.index_select(0, index.to(t.device))) for d in self.layers]
+        out.seen_tokens = self.seen_tokens.index_select(0, index)
+        out.steps = self.steps
+        return out
+
+    @staticmethod
+    def concat(caches: Sequence[RecurrentCache]) -> RecurrentCache:
+        """One cache whose batch rows are those of ``caches`` in order: continuous batching joins streams
+        that were prefilled apart (with different numbers of tokens seen) into one decoding batch.
+
+        Ring buffers indexed by absolute position (Leviathan's CorrelationState, with a scalar ``seen``) are
+        first rolled to a common ``seen``: each row keeps its own history and its own ``seen_tokens``."""
+        if not caches:
+            raise ValueError("concat needs at least one cache")
+        depth = {len(c.layers) for c in caches}
+        if len(depth) != 1:
+            raise ValueError(f"cannot concatenate caches with different numbers of layers: {sorted(depth)}")
+        if any(c.steps == 0 for c in caches):
+            raise ValueError("cannot concatenate a cache that was never prefilled (steps == 0)")
+        out = RecurrentCache(len(caches[0].layers), 0, caches[0].seen_tokens.device)
+        out.layers = [_concat_states([c.layers[i] for c in caches]) for i in range(len(out.layers))]
+        out.seen_tokens = torch.cat([c.seen_tokens for c in caches])
+        out.steps = max(c.steps for c in caches)
+        return out
 
     def nbytes(self) -> int:
         """Bytes held by all states: constant in the number of tokens generated."""

@@ -1,0 +1,298 @@
+"""Load test of ``attnfree serve`` on loopback: 1, 8 and 64 concurrent streams, each of a fixed length.
+
+    python -m benchmarks.serve_load [--quick] [--out docs/results/serve/load.json] [--streams 1,8,64]
+        [--lengths 64,512] [--model fastformer] [--hidden-size 256] [--layers 4] [--tokenizer gpt2]
+        [--checkpoint RUN_DIR] [--threads 1] [--max-seconds-per-point 300] [--in-process]
+
+For each (streams, length) point a fresh server starts (a subprocess, so its peak memory is its own) with
+a random registry model at the given size (or --checkpoint), and N clients POST /generate at once
+(server-sent events, ``ignore_eos`` so every stream makes exactly `length` tokens, temperature 1 with
+top-k 40). The client stamps each token event as it arrives. Reported per point:
+
+- tokens_per_s_stream: median over streams of (tokens - 1) / (last - first token time)
+- tokens_per_s_total: all tokens / wall time from the first request to the last event
+- ttft_ms p50 / p99: time to the first token; itl_ms p50 / p99: gaps between a stream's tokens
+- peak_rss_mib: the server's peak resident memory during the load (Linux VmHWM, reset after start-up and a
+  warm-up request through /proc/PID/clear_refs, so loading the model does not count); idle_rss_mib: its
+  resident memory just before the load; rss_growth_mib: the difference; state_kib: the peak total state
+
+Memory should grow with the number of streams, not with their length: compare the two lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Row, ints, print_table, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["streams", "length", "tokens_per_s_stream", "tokens_per_s_total", "ttft_ms_p50", "ttft_ms_p99",
+           "itl_ms_p50", "itl_ms_p99", "idle_rss_mib", "peak_rss_mib", "rss_growth_mib", "state_kib", "wall_s"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The server (child process)
+# ----------------------------------------------------------------------------------------------
+
+
+def build_app(args: argparse.Namespace) -> Any:
+    """The app the child serves: a checkpoint, or a freshly initialised registry model (seed 0)."""
+    import torch
+
+    from attnfree.data import load_tokenizer
+    from attnfree.models.registry import ModelSize, build_model
+    from attnfree.serve.app import create_app
+    from attnfree.training import load_checkpoint
+
+    torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        model, tokenizer = load_checkpoint(args.checkpoint)
+        name = Path(args.checkpoint).name
+    else:
+        tokenizer = load_tokenizer(args.tokenizer)
+        torch.manual_seed(0)
+        size = ModelSize(args.hidden_size, args.heads, args.layers, n_positions=args.n_positions)
+        model = build_model(args.model, size, tokenizer).eval()
+        name = f"{args.model} C={args.hidden_size} layers={args.layers} (random weights)"
+    return create_app(model, tokenizer, name, max_streams=max(ints(args.streams)), max_tokens=args.n_positions)
+
+
+def serve_child(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    uvicorn.run(build_app(args), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def child_argv(args: argparse.Namespace, port: int) -> list[str]:
+    argv = [sys.executable, "-m", "benchmarks.serve_load", "--child", "--port", str(port), "--threads",
+            str(args.threads), "--streams", args.streams, "--model", args.model, "--hidden-size",
+            str(args.hidden_size), "--heads", str(args.heads), "--layers", str(args.layers), "--n-positions",
+            str(args.n_positions), "--tokenizer", args.tokenizer]
+    return argv + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start a new peak-RSS measurement for process pid (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError as error:
+        print(f"note: cannot reset the peak RSS of process {pid} ({error}); peak includes start-up")
+
+
+@contextmanager
+def server(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
+    """A fresh server for one point, and its process id: a subprocess (default) or a thread of this process
+    (--in-process)."""
+    if args.in_process:
+        from attnfree.serve.app import serve_in_thread
+
+        with serve_in_thread(build_app(args)) as url:
+            yield url, os.getpid()
+        return
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    process = subprocess.Popen(child_argv(args, port), cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                httpx.get(f"{url}/health", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start (exit code {process.poll()})") from None
+                time.sleep(0.2)
+        yield url, process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# ----------------------------------------------------------------------------------------------
+# The clients
+# ----------------------------------------------------------------------------------------------
+
+
+async def one_stream(url: str, body: dict[str, Any]) -> tuple[float, list[float]]:
+    """POST /generate and stamp every token event as it arrives: (request start, [arrival times]).
+
+    A plain asyncio connection (HTTP/1.1, chunked transfer) rather than httpx: on loopback here httpx's async
+    client delivered the first event ~40 ms after the server sent it, which would be measured as server time.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    head = (f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head + payload)
+        status = (await reader.readline()).decode()
+        headers = []
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            headers.append(line.decode().lower())
+        if " 200 " not in status or "transfer-encoding: chunked\r\n" not in headers:
+            raise RuntimeError(f"unexpected response: {status.strip()} {headers}")
+        stamps, buffer = [], b""
+        while size := int((await reader.readline()).strip() or b"0", 16):  # chunked: hex size, data, CRLF
+            buffer += (await reader.readexactly(size + 2))[:-2]
+            *events, buffer = buffer.split(b"\n\n")
+            now = time.perf_counter()
+            for event in events:
+                if b'"error"' in event:
+                    raise RuntimeError(event.decode())
+                if b'"token"' in event:
+                    stamps.append(now)
+    finally:
+        writer.close()
+    return start, stamps
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+async def load(url: str, pid: int, streams: int, length: int, prompt: str, timeout: float) -> Row:
+    """N concurrent streams of `length` tokens each; client-side timings, server memory."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        warm = {"prompt": prompt, "max_tokens": 4, "ignore_eos": True, "stream": False}
+        (await client.post(f"{url}/generate", json=warm)).raise_for_status()
+        reset_peak_rss(pid)
+        idle = (await client.get(f"{url}/stats")).json()["rss_mib"]
+        bodies = [{"prompt": prompt, "max_tokens": length, "temperature": 1.0, "top_k": 40, "seed": i,
+                   "ignore_eos": True} for i in range(streams)]
+        t0 = time.perf_counter()
+        runs = await asyncio.wait_for(asyncio.gather(*(one_stream(url, b) for b in bodies)), timeout)
+        wall = time.perf_counter() - t0
+        stats = (await client.get(f"{url}/stats")).json()
+    rates = [(len(s) - 1) / (s[-1] - s[0]) for _, s in runs if len(s) > 1 and s[-1] > s[0]]
+    gaps = [(b - a) * 1e3 for _, s in runs for a, b in zip(s, s[1:])]
+    ttft = [(s[0] - start) * 1e3 for start, s in runs if s]
+    tokens = sum(len(s) for _, s in runs)
+    if tokens != streams * length:
+        raise RuntimeError(f"expected {streams * length} tokens, got {tokens}")
+    return {"streams": streams, "length": length, "tokens": tokens,
+            "tokens_per_s_stream": statistics.median(rates), "tokens_per_s_total": tokens / wall,
+            "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
+            "itl_ms_p50": percentile(gaps, 50), "itl_ms_p99": percentile(gaps, 99),
+            "idle_rss_mib": idle, "peak_rss_mib": stats["peak_rss_mib"],
+            "rss_growth_mib": stats["peak_rss_mib"] - idle, "state_kib": stats["peak_state_bytes"] / 1024,
+            "state_bytes_per_stream": stats["state_bytes_per_stream"], "peak_active": stats["peak_active"],
+            "wall_s": wall}
+
+
+def run_point(args: argparse.Namespace, streams: int, length: int) -> Row:
+    with server(args) as (url, pid):
+        info = json.loads(__import__("httpx").get(f"{url}/info").text)
+        row = asyncio.run(load(url, pid, streams, length, args.prompt, args.max_seconds_per_point))
+    return {**row, "model": info["name"], "parameters": info["parameters"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Plot and main
+# ----------------------------------------------------------------------------------------------
+
+
+def plot(path: Path, rows: list[Row]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for length in sorted({r["length"] for r in rows}):
+        sub = sorted((r for r in rows if r["length"] == length), key=lambda r: r["streams"])
+        x = [r["streams"] for r in sub]
+        axes[0].plot(x, [r["tokens_per_s_total"] for r in sub], marker="o", label=f"total, {length} tokens")
+        axes[0].plot(x, [r["tokens_per_s_stream"] for r in sub], marker="s", ls="--", label=f"per stream, {length}")
+        axes[1].plot(x, [r["itl_ms_p50"] for r in sub], marker="o", label=f"p50, {length} tokens")
+        axes[1].plot(x, [r["itl_ms_p99"] for r in sub], marker="s", ls="--", label=f"p99, {length} tokens")
+        axes[2].plot(x, [r["rss_growth_mib"] for r in sub], marker="o", label=f"RSS, {length} tokens per stream")
+        axes[2].plot(x, [r["state_kib"] / 1024 for r in sub], marker="s", ls="--", label=f"state, {length} tokens")
+    titles = ("tokens/s", "inter-token latency (ms)", "server memory growth under load (MiB)")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set(xscale="log", xlabel="concurrent streams", title=title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, byte tokenizer, 1 and 4 streams of 8/32 tokens")
+    p.add_argument("--out", default="docs/results/serve/load.json", help="JSON output (a PNG beside it)")
+    p.add_argument("--streams", default="1,8,64", help="concurrent streams per point (default: 1,8,64)")
+    p.add_argument("--lengths", default="64,512", help="tokens per stream (default: 64,512)")
+    p.add_argument("--model", default="fastformer", help="registry model spec (default: fastformer)")
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--n-positions", type=int, default=1024)
+    p.add_argument("--tokenizer", default="gpt2", help="byte, gpt2 (default, from the data bundle), ...")
+    p.add_argument("--checkpoint", default=None, help="serve this checkpoint instead of a random model")
+    p.add_argument("--prompt", default="The meaning of life is", help="every stream's prompt")
+    p.add_argument("--threads", type=int, default=1, help="the server's torch threads (default: 1)")
+    p.add_argument("--max-seconds-per-point", type=float, default=300.0)
+    p.add_argument("--in-process", action="store_true", help="serve from a thread of this process (tests)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.streams, args.lengths = "1,4", "8,32"
+        args.hidden_size, args.heads, args.layers, args.n_positions, args.tokenizer = 32, 2, 2, 128, "byte"
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse(argv)
+    if args.child:
+        serve_child(args)
+        return []
+    rows = []
+    for length in ints(args.lengths):
+        for streams in ints(args.streams):
+            rows.append(run_point(args, streams, length))
+            print(f"streams={streams} length={length}: {rows[-1]['tokens_per_s_total']:.1f} tokens/s total, "
+                  f"RSS +{rows[-1]['rss_growth_mib']:.1f} MiB over idle", flush=True)
+    table = print_table(rows, COLUMNS)
+    out = Path(args.out)
+    settings = {k: v for k, v in vars(args).items() if k not in ("child", "port")}
+    write_json(out, {"settings": settings, "rows": rows, "table": table})
+    plot(out.with_suffix(".png"), rows)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
