@@ -1,4 +1,4 @@
-"""``attnfree train|eval|generate|compare``: thin argparse wrappers over the Python API.
+"""``attnfree train|eval|generate|compare|serve|export``: thin argparse wrappers over the Python API.
 
 Every ``TrainSettings`` field is a ``train`` flag (``hidden_size`` -> ``--hidden-size``), generated from the
 dataclass so the two never drift apart. The same ``train`` command runs on several processes unchanged:
@@ -241,11 +241,59 @@ def _compare_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_compare)
 
 
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP (streaming, OpenAI-style, a web page)",
+                       description="Start an HTTP server: GET / (a page to try the model), POST /generate (server-sent "
+                       "events), POST /v1/completions (OpenAI-style), GET /info, /stats, /health. Many streams share "
+                       "one process with continuous batching, each holding only its constant-size state.")
+    p.add_argument("checkpoint", help="a run folder or one of its checkpoint-N folders")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-streams", type=int, default=64, help="streams decoded at once (default: 64)")
+    p.add_argument("--max-queue", type=int, default=0, help="requests that may wait for a stream (default: 0: "
+                   "answer 429 when all streams are busy)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens per request (default: 1024)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--name", default=None, help="model name shown by /info and /v1/models (default: the folder name)")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from attnfree.serve.app import serve_checkpoint
+
+    serve_checkpoint(ns.checkpoint, host=ns.host, port=ns.port, max_streams=ns.max_streams, max_queue=ns.max_queue,
+                     max_tokens=ns.max_tokens, threads=ns.threads, name=ns.name, log_level=ns.log_level)
+    return 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from attnfree.export import export_checkpoint
+
+    result = export_checkpoint(ns.checkpoint, ns.output, format=ns.format, quantize=ns.quantize, opset=ns.opset)
+    for name, record in result.manifest["files"].items():
+        print(f"{record['bytes']:>12,d}  {result.folder / name}")
+    print(f"wrote {result.folder / 'manifest.json'}")
+    return 0
+
+
+def _export_parser(sub: Any) -> None:
+    p = sub.add_parser("export", help="export a checkpoint for inference without torch",
+                       description="Write the one-token recurrent step and the parallel prefill as ONNX graphs, the "
+                       "tokenizer, a torch-free runner (runtime.py) and manifest.json into --output.")
+    p.add_argument("checkpoint", help="a run folder or one of its checkpoint-N folders")
+    p.add_argument("--format", default="onnx", help="export format (only 'onnx' for now)")
+    p.add_argument("--output", required=True, help="the export folder to write")
+    p.add_argument("--quantize", default=None, help="also write int8 dynamically quantized graphs: 'int8'")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnfree", description="Attention-free causal language models: "
                                      "train, evaluate, sample and compare.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _eval_parser, _generate_parser, _compare_parser):
+    for add in (_train_parser, _eval_parser, _generate_parser, _compare_parser, _serve_parser, _export_parser):
         add(sub)
     return parser
 
