@@ -52,3 +52,30 @@ def test_eos_stops_and_bad_sampling_raises(model):
     for bad in (dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0)):
         with pytest.raises(ValueError):
             Sampling(**bad)
+
+
+@pytest.mark.parametrize("name", ["fastformer", "fastformer-conv", "leviathan"])
+def test_chunked_prefill_equals_one_prefill_on_a_left_padded_batch(name):
+    from types import SimpleNamespace
+
+    from attnfree.decoding import chunked_prefill
+    from attnfree.models.registry import ModelSize, build_model
+
+    torch.manual_seed(0)
+    ids = SimpleNamespace(vocab_size=40, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = build_model(name, ModelSize(hidden_size=24, n_heads=3, num_layers=2, n_positions=64), ids)
+    model = model.double().eval()
+    ids = torch.randint(3, 40, (3, 23))
+    mask = torch.ones(3, 23, dtype=torch.long)
+    mask[0, :9], mask[1, :2] = 0, 0  # row 0's first chunk of 7 is all padding
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        parts = chunked_prefill(model, ids, mask, chunk_size=7)
+        assert torch.allclose(parts.logits, whole.logits, atol=1e-10)
+        # and the states carry on alike: one more step from each
+        nxt = torch.randint(3, 40, (3, 1))
+        a = model(input_ids=nxt, past_key_values=whole.past_key_values, use_cache=True).logits
+        b = model(input_ids=nxt, past_key_values=parts.past_key_values, use_cache=True).logits
+    assert torch.allclose(a, b, atol=1e-10)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_prefill(model, ids, mask, chunk_size=0)

@@ -2,13 +2,15 @@
 
 ``model.generate`` works too (and does beam search, stopping criteria, ...); this loop exists because
 it is small enough to read, streams tokens as they come (for the CLI and the server), and has no
-per-step overhead beyond the model's own step: the recurrent state is updated in place.
+per-step overhead beyond the model's own step: the recurrent state is updated in place. Long prompts are
+prefilled in chunks that continue from the state, so memory stays flat in the prompt length too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,6 +52,27 @@ def pick_next(logits: Tensor, sampling: Sampling, generator: torch.Generator | N
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+DEFAULT_PREFILL_CHUNK = 2048
+
+
+def chunked_prefill(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+                    chunk_size: int = DEFAULT_PREFILL_CHUNK) -> Any:
+    """Run the prompt [B, T] through the model ``chunk_size`` positions at a time, each chunk continuing
+    from the state the previous one left, and return the last forward's output (last-position logits and
+    the cache). Same values as one parallel forward; activations are those of one chunk, not of T."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    T = input_ids.shape[1]
+    cache, out = None, None
+    for start in range(0, max(T, 1), chunk_size):  # T = 0 still makes one (erroring) call
+        part = slice(start, start + chunk_size)
+        mask = attention_mask[:, part] if attention_mask is not None else None
+        out = model(input_ids=input_ids[:, part], attention_mask=mask, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        cache = out.past_key_values
+    return out
+
+
 @torch.inference_mode()
 def stream_generate(
     model: torch.nn.Module,
@@ -59,18 +82,20 @@ def stream_generate(
     attention_mask: Tensor | None = None,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> Iterator[Tensor]:
     """Yield the next token ids [B] one step at a time, for one of our recurrent models.
 
     input_ids: [B, T] (left-padded with attention_mask for a batch of different lengths). Stops after
-    ``max_new_tokens`` or when every sequence has produced ``eos_token_id``.
+    ``max_new_tokens`` or when every sequence has produced ``eos_token_id``. The prompt is prefilled
+    ``prefill_chunk`` positions at a time (``chunked_prefill``).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     sampling = sampling or Sampling()
     model.eval()
-    # 1. prefill the whole prompt in parallel; keep only the last position's logits
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+    # 1. prefill the prompt in parallel, chunk by chunk; keep only the last position's logits
+    out = chunked_prefill(model, input_ids, attention_mask, prefill_chunk)
     cache = out.past_key_values
     if not isinstance(cache, RecurrentCache):
         raise TypeError(f"stream_generate needs a model with a RecurrentCache, got {type(cache).__name__}")
