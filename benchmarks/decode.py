@@ -1,11 +1,12 @@
 """Decoding: time per new token and memory against context length, batch 1 and 16.
 
     python -m benchmarks.decode [--quick] [--out runs/bench/decode.json] [--contexts 128,1024,16384]
-        [--batches 1,16] [--new-tokens 32] [--models fastformer,gpt2] [--max-seconds-per-point 600]
+        [--batches 1,16] [--new-tokens 32] [--models fastformer,gpt2] [--max-seconds-per-point 600] [--compile]
 
 Our recurrent models decode through ``attnfree.decoding.stream_generate`` (path "stream") and through
-``model.generate`` (path "generate"); GPT-2 through ``model.generate`` with its KV cache. Each point (model,
-path, context, batch) runs in its own forked process: prefill a random prompt of the context length, then
+``model.generate`` (path "generate"), and with ``--compile`` through stream_generate on the compiled model
+(path "stream+compile", compile time excluded); GPT-2 through ``model.generate`` with its KV cache. Each
+point (model, path, context, batch) runs in its own forked process: prefill a random prompt of the context length, then
 time each of --new-tokens greedy tokens; per_token_ms is their median.
 
 The floor: the model's nn.Linear (and GPT-2's Conv1D) layers alone, each applied once to a [B, 1, in]
@@ -87,9 +88,19 @@ def _via_stream(model: PreTrainedModel, prompt: Tensor, new_tokens: int) -> tupl
     return times, None
 
 
+def _via_stream_compiled(model: PreTrainedModel, prompt: Tensor, new_tokens: int) -> tuple[list[float], int | None]:
+    """``stream_generate`` on ``torch.compile(model, dynamic=True)``; a short warm-up run compiles first
+    (its time, tens of seconds to minutes on this CPU, is not counted)."""
+    compiled = cast(PreTrainedModel, torch.compile(model, dynamic=True))
+    for _ in stream_generate(compiled, prompt[:, :64], 4, Sampling(greedy=True)):
+        pass
+    return _via_stream(compiled, prompt, new_tokens)
+
+
 PATHS: dict[str, Callable[[PreTrainedModel, Tensor, int], tuple[list[float], int | None]]] = {
     "generate": _via_generate,
     "stream": _via_stream,
+    "stream+compile": _via_stream_compiled,  # only with --compile
 }
 
 
@@ -155,11 +166,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="timed tokens per point (median)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-seconds-per-point", type=float, default=600.0)
+    parser.add_argument("--compile", action="store_true", help="also time our models' lean loop under torch.compile")
     args = parser.parse_args()
     sizes = QUICK if args.quick else Sizes()
     contexts, batches = ([32, 128], [1]) if args.quick else (ints(args.contexts), ints(args.batches))
     new_tokens = 8 if args.quick else args.new_tokens
-    combos = [(n, p) for n in available(args.models.split(",")) for p in (["generate"] if n == "gpt2" else PATHS)]
+    ours = [p for p in PATHS if args.compile or p != "stream+compile"]
+    combos = [(n, p) for n in available(args.models.split(",")) for p in (["generate"] if n == "gpt2" else ours)]
     rows: list[Row] = []
     given_up: set[tuple[str, str, int]] = set()
     for context in contexts:
