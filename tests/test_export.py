@@ -245,6 +245,18 @@ def test_runtime_runs_without_torch(exported):
     assert cli.stdout.startswith("ROMEO:")
 
 
+def test_packaged_runtime_works_where_torch_is_not_installed(exported):
+    """``attnfree.runtime`` from the installed package, with torch and transformers made unimportable (as on a
+    device that has only numpy + onnxruntime): the package imports without its models and the runner works."""
+    _, _, folder = exported
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; import attnfree; "
+            "assert not attnfree.HAS_TORCH; from attnfree.runtime import OnnxLM; "
+            "lm = OnnxLM.load(sys.argv[1]); print(''.join(lm.generate('ROMEO:', 20, greedy=True)), end='')")
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout) > 0
+
+
 def test_manifest(exported):
     model, _, folder = exported
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -1,24 +1,34 @@
 """attnfree: attention-free causal language models (causal Fastformer, Leviathan), HuggingFace-native.
 
 Importing the package registers every model family with AutoConfig / AutoModel / AutoModelForCausalLM.
+On a machine without torch (an edge device with only numpy + onnxruntime) the package still imports, with
+none of the models, so that ``attnfree.runtime`` runs exported graphs there (see ``attnfree export``).
 """
 
-from attnfree.cache import RecurrentCache
-from attnfree.models.fastformer import (
-    FastformerConfig,
-    FastformerForCausalLM,
-    FastformerLMConfig,
-    FastformerModel,
-)
-from attnfree.models.leviathan import (
-    LeviathanConfig,
-    LeviathanEnsembleConfig,
-    LeviathanEnsembleForCausalLM,
-    LeviathanForCausalLM,
-    LeviathanModel,
-    LeviathanMoEConfig,
-    LeviathanMoEForCausalLM,
-)
+try:
+    import torch  # noqa: F401  (everything but attnfree.runtime needs it)
+
+    HAS_TORCH = True
+except ImportError:
+    HAS_TORCH = False
+
+if HAS_TORCH:
+    from attnfree.cache import RecurrentCache
+    from attnfree.models.fastformer import (
+        FastformerConfig,
+        FastformerForCausalLM,
+        FastformerLMConfig,
+        FastformerModel,
+    )
+    from attnfree.models.leviathan import (
+        LeviathanConfig,
+        LeviathanEnsembleConfig,
+        LeviathanEnsembleForCausalLM,
+        LeviathanForCausalLM,
+        LeviathanModel,
+        LeviathanMoEConfig,
+        LeviathanMoEForCausalLM,
+    )
 
 __version__ = "0.1.0"
 
