@@ -75,6 +75,10 @@ def test_incremental_decoder_never_splits_a_character() -> None:
     decoder = IncrementalDecoder(TOK)
     held = [decoder.push(b) for b in TOK.encode("ok€")[:-1]]
     assert "".join(held) == "ok" and decoder.flush() == "\ufffd"
+    # a long stream keeps only the decode window, not every token it produced
+    decoder, long_text = IncrementalDecoder(TOK), "naïve café " * 300
+    assert "".join(decoder.push(b) for b in TOK.encode(long_text)) + decoder.flush() == long_text
+    assert len(decoder.ids) <= 4
 
 
 @pytest.mark.parametrize(("deltas", "stops", "expected", "stopped"), [

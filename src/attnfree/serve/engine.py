@@ -60,7 +60,8 @@ class IncrementalDecoder:
 
     Decodes ``ids[prefix:]`` and ``ids[prefix:read]`` (the window since the last emission) and emits the
     difference; text ending in U+FFFD (an incomplete character) is held back until a later token completes
-    it, or until ``flush``. The concatenated deltas equal ``tokenizer.decode(ids)``.
+    it, or until ``flush``. The concatenated deltas equal ``tokenizer.decode(ids)``. Only the window's ids are
+    kept, so a long stream holds no growing token list here.
     """
 
     def __init__(self, tokenizer: TextTokenizer):
@@ -76,6 +77,8 @@ class IncrementalDecoder:
         if after.endswith("\ufffd") or len(after) <= len(before):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
+        del self.ids[:self.prefix]  # ids before the window are never decoded again: O(window) memory too
+        self.prefix, self.read = 0, self.read - self.prefix
         return after[len(before):]
 
     def flush(self) -> str:
