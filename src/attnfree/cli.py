@@ -117,19 +117,27 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     settings = settings_from_args(ns)
     result = train(settings)
-    _end_distributed()  # on success only: a failed rank exits at once and the launcher stops the others
     if ns.json and _is_main_process():
         print(json.dumps(dataclasses.asdict(result), indent=2))
+    if _end_distributed():  # on success only: a failed rank exits at once and the launcher stops the others
+        # Skip interpreter finalisation on launched workers: a c10d background thread destroyed there now and
+        # then aborts the process ("terminate called without an active exception", exit -6) after a
+        # successful run. Everything is saved and flushed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
-def _end_distributed() -> None:
-    """Tear down the process group torchrun / accelerate launch made (avoids a warning at exit)."""
+def _end_distributed() -> bool:
+    """Tear down the process group torchrun / accelerate launch made; True if there was one."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # no rank tears down while another still talks to it (gloo aborts otherwise)
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()  # no rank tears down while another still talks to it (gloo aborts otherwise)
+    dist.destroy_process_group()
+    return True
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
