@@ -76,13 +76,12 @@ def test_auto_and_torch_on_cpu_give_the_parallel_form():
             assert torch.equal(correlation(*inputs(), lags, 2)[0], expected), backend
 
 
-def test_float64_always_takes_the_parallel_form(monkeypatch):
-    """The kernels accumulate in float32, so float64 (reference checks) stays on PyTorch, even when forced."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    lags = make_lags(4, 8)
-    with use_kernel_backend("triton"):
-        o, _ = correlation(*inputs(torch.float64), lags, 2)
-    assert torch.equal(o, correlation_parallel(*inputs(torch.float64), lags, 2)[0])
+def test_float64_under_forced_triton_is_an_error_naming_the_dtype(monkeypatch):
+    """The kernels accumulate in float32: a forced 'triton' refuses float64 (as the additive op does)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that the backend itself would run on CPU tensors
+    with use_kernel_backend("triton"), pytest.raises(ValueError, match="float64"):
+        correlation(*inputs(torch.float64), make_lags(4, 8), 2)
 
 
 def test_block_sizes_must_be_powers_of_two():

@@ -15,7 +15,8 @@ positions, the outputs of the same sequence alone. Cost O(T L J D), never O(T^2)
 - ``correlation_triton`` (in ``.triton``, imported only when used): Triton kernels, forward and backward.
 - ``correlation``: the dispatcher the layers call: the Triton kernels when ``attnfree.ops.backend.use_triton``
   says so (CUDA tensors with triton installed, or the backend forced to 'triton'), else the parallel form.
-  float64 inputs always take the parallel form (the kernels accumulate in float32).
+  float64 inputs take the parallel form under 'auto' and raise under a forced 'triton' (the kernels accumulate in
+  float32), as the additive op does.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from attnfree.ops.backend import use_triton
+from attnfree.ops.backend import get_kernel_backend, use_triton
 from attnfree.ops.correlation.naive import correlation_naive
 from attnfree.ops.correlation.parallel import correlation_parallel
 from attnfree.ops.correlation.recurrent import correlation_recurrent, correlation_step
@@ -45,10 +46,14 @@ def correlation(
     """Causal cross-correlation for training and prefill on the chosen kernel backend (same signature and
     values as ``correlation_parallel``): Triton kernels where ``use_triton`` says so, PyTorch otherwise."""
     args = (q, k, v, lags, segment, mask, initial_state, output_final_state)
-    if q.dtype != torch.float64 and use_triton(q, k, v):
-        from attnfree.ops.correlation.triton import correlation_triton  # imports triton: only when used
+    if use_triton(q, k, v):
+        if q.dtype != torch.float64:
+            from attnfree.ops.correlation.triton import correlation_triton  # imports triton: only when used
 
-        return correlation_triton(*args)
+            return correlation_triton(*args)
+        if get_kernel_backend() == "triton":  # forced: say why it cannot run rather than fall back silently
+            raise ValueError("kernel backend 'triton' was forced but q is float64; the kernels accumulate in "
+                             "float32: pass float32/bfloat16/float16 inputs or use the 'torch' backend")
     return correlation_parallel(*args)
 
 
