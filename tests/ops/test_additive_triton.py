@@ -8,10 +8,6 @@ triton's interpreter fail to import, which would otherwise pass as a skip).
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,37 +18,21 @@ from attnfree.ops.backend import use_kernel_backend
 from attnfree.testing import assert_close
 
 CASES = Path(__file__).with_name("additive_triton_cases.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_cases_interpreted(marker: str) -> tuple[int, str]:
-    """pytest on the kernel cases with TRITON_INTERPRET=1; returns (number passed, output)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "ATTNFREE_KERNELS": "auto",
-           "CUDA_VISIBLE_DEVICES": ""}  # the interpreter's CPU path even on a GPU machine
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker, str(CASES)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"kernel cases failed under the interpreter:\n{out[-6000:]}"
-    summary = out.strip().splitlines()[-1]
-    assert "skipped" not in summary and "error" not in summary, f"kernel cases did not all run: {summary}"
-    passed = re.search(r"(\d+) passed", summary)
-    return (int(passed.group(1)) if passed else 0), summary
-
-
-def test_kernels_match_references_under_interpreter():
+def test_kernels_match_references_under_interpreter(kernel_cases):
     """Values, final state and gradients (x, scores, initial state) against the float64 loop and the PyTorch
     form, on T = 1, 20, 37, 63, 100, 130, D = 10, 16, 20, 60, 64, float32 and bfloat16, |scores| up to 1e4."""
     pytest.importorskip("numpy")
     pytest.importorskip("triton")
-    passed, summary = run_cases_interpreted("not slow")
-    assert passed >= 20, f"expected the ~21 kernel cases to run, got: {summary}"
+    passed = kernel_cases(CASES, "not slow", True)
+    assert passed >= 20, f"expected the ~21 kernel cases to run, got {passed}"
 
 
 @pytest.mark.slow
-def test_kernels_larger_sizes_under_interpreter():
+def test_kernels_larger_sizes_under_interpreter(kernel_cases):
     pytest.importorskip("triton")
-    passed, summary = run_cases_interpreted("slow")
-    assert passed >= 2, summary
+    assert kernel_cases(CASES, "slow", True) >= 2
 
 
 def test_forced_triton_on_cpu_without_interpreter_errors(monkeypatch):

@@ -5,7 +5,6 @@ one, and the dispatch rules (auto -> PyTorch on CPU, forced 'triton' without a w
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,40 +19,24 @@ ROOT = Path(__file__).resolve().parents[2]
 CASES = Path(__file__).with_name("correlation_triton_cases.py")
 
 
-def run_cases(marker: str, interpret: bool) -> str:
-    """pytest on the cases file in a fresh process (interpreter on or off); returns its summary line."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ATTNFREE_KERNELS")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker, str(CASES)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    summary = done.stdout.strip().splitlines()[-1]
-    # every selected case ran: a missing numpy or triton would show as skipped, not failed
-    assert re.search(r"\d+ passed", summary) and "skipped" not in summary, summary
-    return summary
-
-
-def test_kernels_match_references_under_interpreter():
+def test_kernels_match_references_under_interpreter(kernel_cases):
     """About 30 s: float32 and bfloat16 values and gradients, state in/out, layer and dispatcher."""
     pytest.importorskip("triton")
     pytest.importorskip("numpy")  # the interpreter needs it
-    summary = run_cases("not slow", interpret=True)
-    assert int(re.search(r"(\d+) passed", summary).group(1)) >= 10, summary
+    assert kernel_cases(CASES, "not slow", True) >= 10
 
 
 @pytest.mark.slow
-def test_kernels_match_references_under_interpreter_larger():
+def test_kernels_match_references_under_interpreter_larger(kernel_cases):
     pytest.importorskip("triton")
     pytest.importorskip("numpy")
-    run_cases("slow", interpret=True)
+    kernel_cases(CASES, "slow", True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_kernels_match_references_on_gpu():
+def test_kernels_match_references_on_gpu(kernel_cases):
     pytest.importorskip("triton")
-    run_cases("not slow or slow", interpret=False)
+    kernel_cases(CASES, "not slow or slow", False)
 
 
 def inputs(dtype: torch.dtype = torch.float32):
