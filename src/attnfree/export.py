@@ -47,6 +47,7 @@ from attnfree.cache import RecurrentCache
 from attnfree.layers.correlation import STATE_KEY, MultiHeadedCorrelation
 from attnfree.models.fastformer import FastformerForCausalLM
 from attnfree.models.leviathan import LeviathanForCausalLM, LeviathanModel
+from attnfree.models.registry import max_positions
 from attnfree.ops.additive import AdditiveState
 from attnfree.ops.correlation.recurrent import softmax_dtype
 from attnfree.ops.correlation.state import capacities, state_history
@@ -385,7 +386,8 @@ def export_step(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) 
 def export_prefill(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> list[StateSpec]:
     """Write the parallel prefill of ``model`` (dynamic B and T) to ``path``; returns its state layout."""
     specs = state_specs(model)
-    T = min(40, max(2, _max_positions(model) or 40))  # beyond a scan chunk, so the traced graph is the general one
+    # beyond a scan chunk, so the traced graph is the general one
+    T = min(40, max(2, max_positions(cast(Any, model)) or 40))
     ids = torch.randint(0, _config(model).vocab_size, (2, T))
     mask = torch.ones(2, T, dtype=torch.long)
     mask[1, : T // 4] = 0  # left padding: the masked path is the general one
@@ -393,12 +395,6 @@ def export_prefill(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSE
     _export(Prefill(model).eval(), (ids, mask), Path(path), ["input_ids", "attention_mask"],  # type: ignore[arg-type]
             ["logits", "all_logits", *(f"new_state.{s.name}" for s in specs)], (dyn, dyn), opset)
     return specs
-
-
-def _max_positions(model: nn.Module) -> int | None:
-    from attnfree.models.registry import max_positions
-
-    return max_positions(model)  # type: ignore[arg-type]
 
 
 def quantize_onnx_int8(source: str | Path, target: str | Path) -> Path:
@@ -473,7 +469,7 @@ def _manifest(model: nn.Module, specs: list[StateSpec], tok: dict[str, Any], gra
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "opset": opset, "torch_version": torch.__version__,
         "model_type": c.model_type, "architecture": type(model).__name__, "config": c.to_dict(),
-        "vocab_size": c.vocab_size, "max_positions": _max_positions(model),
+        "vocab_size": c.vocab_size, "max_positions": max_positions(cast(Any, model)),
         "bos_token_id": tok["bos_token_id"], "eos_token_id": tok["eos_token_id"], "pad_token_id": tok["pad_token_id"],
         "tokenizer": tok,
         "graphs": graphs,
