@@ -97,8 +97,8 @@ class RecurrentCache:
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         """Beam search: keep the states of the chosen beams, in place of the old batch order."""
-        self.layers = [_map_tensors(d, lambda t: t.index_select(0, beam_idx.to(t.device))) for d in self.layers]
-        self.seen_tokens = self.seen_tokens.index_select(0, beam_idx.to(self.seen_tokens.device))
+        chosen = self.select(beam_idx)
+        self.layers, self.seen_tokens = chosen.layers, chosen.seen_tokens
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Expand each sequence's state to ``repeats`` copies (num_return_sequences / beams after prefill)."""
