@@ -31,6 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from attnfree.cache import RecurrentCache
 from attnfree.decoding import Sampling, stream_generate
+from attnfree.models.compat import output_cache
 from benchmarks.common import (
     QUICK,
     Row,
@@ -77,7 +78,7 @@ def _via_generate(model: PreTrainedModel, prompt: Tensor, new_tokens: int) -> tu
     out = cast(Any, model).generate(  # PreTrainedModel is typed without GenerationMixin in transformers 5
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
         do_sample=False, streamer=stamps, return_dict_in_generate=True, pad_token_id=model.config.pad_token_id)
-    return stamps.times, _cache_bytes(out.past_key_values)
+    return stamps.times, _cache_bytes(output_cache(out))
 
 
 def _via_stream(model: PreTrainedModel, prompt: Tensor, new_tokens: int) -> tuple[list[float], int | None]:

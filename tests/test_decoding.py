@@ -5,6 +5,7 @@ import torch
 
 from attnfree import FastformerConfig, FastformerForCausalLM
 from attnfree.decoding import Sampling, pick_next, stream_generate
+from attnfree.models.compat import output_cache
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,8 @@ def test_chunked_prefill_equals_one_prefill_on_a_left_padded_batch(name):
         assert torch.allclose(parts.logits, whole.logits, atol=1e-10)
         # and the states carry on alike: one more step from each
         nxt = torch.randint(3, 40, (3, 1))
-        a = model(input_ids=nxt, past_key_values=whole.past_key_values, use_cache=True).logits
-        b = model(input_ids=nxt, past_key_values=parts.past_key_values, use_cache=True).logits
+        a = model(input_ids=nxt, cache=output_cache(whole), use_cache=True).logits
+        b = model(input_ids=nxt, cache=output_cache(parts), use_cache=True).logits
     assert torch.allclose(a, b, atol=1e-10)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_prefill(model, ids, mask, chunk_size=0)

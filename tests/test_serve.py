@@ -29,6 +29,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from attnfree.models.compat import output_cache  # noqa: E402
 from attnfree.serve.app import create_app, serve_in_thread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,16 +161,16 @@ def test_cache_concat_and_select_match_separate_decoding(name: str) -> None:
     model = tiny(name, n_positions=64)
     prompts = [torch.randint(0, 256, (1, n)) for n in (3, 11, 6)]  # different lengths: different `seen`
     with torch.inference_mode():
-        caches = [model(input_ids=p, use_cache=True, logits_to_keep=1).past_key_values for p in prompts]
-        alone = [model(input_ids=torch.tensor([[7]]), past_key_values=c.select([0]), use_cache=True).logits
+        caches = [output_cache(model(input_ids=p, use_cache=True, logits_to_keep=1)) for p in prompts]
+        alone = [model(input_ids=torch.tensor([[7]]), cache=c.select([0]), use_cache=True).logits
                  for c in caches]
         batch = RecurrentCache.concat(caches)
         assert batch.batch_size == 3 and batch.nbytes() == sum(c.nbytes() for c in caches)
-        together = model(input_ids=torch.full((3, 1), 7), past_key_values=batch, use_cache=True).logits
+        together = model(input_ids=torch.full((3, 1), 7), cache=batch, use_cache=True).logits
         assert_close("joined step", together, torch.cat(alone))
         # a second step after dropping the middle row still matches
         kept = batch.select([2, 0])
-        again = model(input_ids=torch.tensor([[5], [9]]), past_key_values=kept, use_cache=True).logits
+        again = model(input_ids=torch.tensor([[5], [9]]), cache=kept, use_cache=True).logits
     with torch.inference_mode():
         full = [model(input_ids=torch.cat([prompts[i], torch.tensor([[7, u]])], 1)).logits[:, -1:]
                 for i, u in ((2, 5), (0, 9))]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from attnfree.cache import RecurrentCache
+from attnfree.models.compat import output_cache
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,9 @@ def chunked_prefill(model: torch.nn.Module, input_ids: Tensor, attention_mask: T
     for start in range(0, max(T, 1), chunk_size):  # T = 0 still makes one (erroring) call
         part = slice(start, start + chunk_size)
         mask = attention_mask[:, part] if attention_mask is not None else None
-        out = model(input_ids=input_ids[:, part], attention_mask=mask, past_key_values=cache, use_cache=True,
+        out = model(input_ids=input_ids[:, part], attention_mask=mask, cache=cache, use_cache=True,
                     logits_to_keep=1)
-        cache = out.past_key_values
+        cache = output_cache(out)
     return out
 
 
@@ -96,7 +97,7 @@ def stream_generate(
     model.eval()
     # 1. prefill the prompt in parallel, chunk by chunk; keep only the last position's logits
     out = chunked_prefill(model, input_ids, attention_mask, prefill_chunk)
-    cache = out.past_key_values
+    cache = output_cache(out)
     if not isinstance(cache, RecurrentCache):
         raise TypeError(f"stream_generate needs a model with a RecurrentCache, got {type(cache).__name__}")
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -108,4 +109,4 @@ def stream_generate(
             done |= token == eos_token_id
             if bool(done.all()):
                 return
-        out = model(input_ids=token.unsqueeze(-1), past_key_values=cache, use_cache=True)
+        out = model(input_ids=token.unsqueeze(-1), cache=cache, use_cache=True)

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import attnfree  # noqa: F401  (registers the Auto classes)
 from attnfree import FastformerConfig, FastformerForCausalLM, FastformerLMConfig, FastformerModel
+from attnfree.models.compat import output_cache
 from attnfree.testing import assert_close, perturb
 
 TINY = dict(hidden_size=24, n_heads=3, vocab_size=40, num_hidden_layers=2, n_positions=64,
@@ -42,9 +43,9 @@ def test_full_forward_equals_prefill_then_decode(kw, split):
     ids, mask = batch()
     full = model(ids, attention_mask=mask, use_cache=False).logits
     out = model(ids[:, :split], attention_mask=mask[:, :split], use_cache=True)
-    cache, logits = out.past_key_values, [out.logits]
+    cache, logits = output_cache(out), [out.logits]
     for t in range(split, ids.shape[1]):
-        step = model(ids[:, t : t + 1], attention_mask=mask[:, t : t + 1], past_key_values=cache, use_cache=True)
+        step = model(ids[:, t : t + 1], attention_mask=mask[:, t : t + 1], cache=cache, use_cache=True)
         logits.append(step.logits)
     real = mask.bool()
     assert_close("decode", torch.cat(logits, 1)[real], full[real])
@@ -79,9 +80,9 @@ def test_generate_uses_the_recurrent_cache():
     model.generate(torch.randint(3, 40, (2, 7)), max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert calls == [7, 1, 1, 1, 1]
     out = model(torch.randint(3, 40, (2, 5)), use_cache=True)
-    cache, size = out.past_key_values, out.past_key_values.nbytes()
+    cache, size = output_cache(out), output_cache(out).nbytes()
     for _ in range(30):
-        model(torch.randint(3, 40, (2, 1)), past_key_values=cache, use_cache=True)
+        model(torch.randint(3, 40, (2, 1)), cache=cache, use_cache=True)
     assert cache.nbytes() == size and cache.get_seq_length() == 35
 
 
@@ -229,7 +230,7 @@ def signature(**kw):
     out = model(ids, labels=ids)
     gen = model.generate(ids[:, :2], max_new_tokens=3, do_sample=False, min_new_tokens=0)
     return (tuple((n, tuple(p.shape)) for n, p in model.named_parameters()), round(init_std, 3), train_loss,
-            out.logits.sum().item(), out.past_key_values is None, gen.tolist(),
+            out.logits.sum().item(), output_cache(out) is None, gen.tolist(),
             model.lm_head.weight is model.model.embed_tokens.weight, model.model.embed_tokens.padding_idx,
             model.model.layers[0].attention.chunk, model.generation_config.bos_token_id,
             model.generation_config.eos_token_id)

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import attnfree  # noqa: F401  (registers the Auto classes)
 from attnfree.cache import RecurrentCache
+from attnfree.models.compat import output_cache
 from attnfree.models.leviathan import (
     PRESETS,
     LeviathanConfig,
@@ -25,11 +26,9 @@ from attnfree.models.leviathan import (
     LeviathanMoEConfig,
     LeviathanMoEForCausalLM,
     LeviathanMoEModel,
-    build_leviathan,
-    build_leviathan_ensemble,
-    build_leviathan_moe,
     leviathan_config,
 )
+from attnfree.models.registry import ModelSize, build_model
 from attnfree.ops.correlation import CorrelationState
 from attnfree.testing import assert_close, perturb
 
@@ -76,9 +75,9 @@ def batch(B=3, T=24, vocab=40, seed=0):
 def decode(model, ids, mask, split):
     """Prefill ids[..., :split], then one token at a time: logits [..., T, V]."""
     out = model(ids[..., :split], attention_mask=mask[..., :split], use_cache=True)
-    cache, logits = out.past_key_values, [out.logits]
+    cache, logits = output_cache(out), [out.logits]
     for t in range(split, ids.shape[-1]):
-        step = model(ids[..., t : t + 1], attention_mask=mask[..., t : t + 1], past_key_values=cache, use_cache=True)
+        step = model(ids[..., t : t + 1], attention_mask=mask[..., t : t + 1], cache=cache, use_cache=True)
         logits.append(step.logits)
     return torch.cat(logits, -2)
 
@@ -172,10 +171,10 @@ def test_generate_uses_constant_size_state_and_beam_search_reorders_it():
     model.generate(torch.randint(3, 40, (2, 7)), max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert calls == [7, 1, 1, 1]
     out = model(torch.randint(3, 40, (2, 5)), use_cache=True)
-    cache, size = out.past_key_values, out.past_key_values.nbytes()
+    cache, size = output_cache(out), output_cache(out).nbytes()
     assert isinstance(cache.layers[0]["correlation"], CorrelationState)
     for _ in range(30):
-        model(torch.randint(3, 40, (2, 1)), past_key_values=cache, use_cache=True)
+        model(torch.randint(3, 40, (2, 1)), cache=cache, use_cache=True)
     assert cache.nbytes() == size and cache.get_seq_length() == 35
     ids = torch.randint(3, 40, (2, 6))
     beams = model.generate(ids, num_beams=3, max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -297,16 +296,18 @@ def test_save_load_round_trip_and_auto_classes(kind, tmp_path):
     assert type(AutoModel.from_config(config(kind))) is backbone
 
 
-def test_builders_follow_the_registry_signature():
-    size = SimpleNamespace(hidden_size=16, n_heads=2, num_layers=1, n_positions=32, dropout=0.0)
+def test_the_registry_builds_every_leviathan_model():
+    size = ModelSize(hidden_size=16, n_heads=2, num_layers=1, n_positions=32, dropout=0.0)
     ids = SimpleNamespace(vocab_size=50, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    assert isinstance(build_leviathan(size, ids, {"segment": 3}), LeviathanForCausalLM)
-    ens = build_leviathan_ensemble(size, ids, {"n_modules": 1})
+    assert isinstance(build_model("leviathan", size, ids, {"segment": 3}), LeviathanForCausalLM)
+    ens = build_model("leviathan-ensemble", size, ids, {"n_modules": 1})
     assert isinstance(ens, LeviathanEnsembleForCausalLM) and ens.config.n_members == 2
-    moe = build_leviathan_moe(size, ids)
+    moe = build_model("leviathan-moe", size, ids)
     assert isinstance(moe, LeviathanMoEForCausalLM) and moe.config.vocab_size == 50
     with pytest.raises(ValueError, match="n_experts"):
-        build_leviathan(size, ids, {"n_experts": 4})
+        build_model("leviathan", size, ids, {"n_experts": 4})
+    none = build_model("leviathan:position_embedding_type=none", size, ids)  # "none" names the choice
+    assert none.config.position_embedding_type == "none"
 
 
 def test_gradient_checkpointing_gives_same_gradients():
@@ -397,7 +398,7 @@ def signature(kind, **kw):
     gen = [] if ids.dim() == 3 else model.generate(ids[:, :2], max_new_tokens=3, do_sample=False,
                                                    min_new_tokens=0).tolist()
     return (tuple((n, tuple(p.shape)) for n, p in model.named_parameters()), round(init_std, 3), train_loss,
-            out.logits.sum().item(), out.past_key_values is None, gen,
+            out.logits.sum().item(), output_cache(out) is None, gen,
             model.lm_head.weight is model.get_input_embeddings().weight, model.get_input_embeddings().padding_idx,
             model.generation_config.bos_token_id, model.generation_config.eos_token_id)
 

@@ -108,6 +108,35 @@ def causal_lm_loss(
     return total / num_items_in_batch
 
 
+# Keyword arguments that transformers' callers (generate, pipelines, evaluation harnesses) may pass to a forward and
+# that change nothing for a recurrent model. Any other unknown keyword is a TypeError: silently dropping one is how a
+# renamed cache argument once made every decoding step re-read the whole prefix.
+IGNORED_FORWARD_KWARGS = frozenset({"return_dict", "cache_position", "output_attentions"})
+
+
+def check_forward_kwargs(model: Any, kwargs: dict[str, Any]) -> None:
+    """Reject what a forward would otherwise drop: unknown keywords, and a request for attention weights."""
+    unknown = sorted(set(kwargs) - IGNORED_FORWARD_KWARGS)
+    if unknown:
+        raise TypeError(f"{type(model).__name__}.forward() got unexpected keyword argument(s) {', '.join(unknown)}")
+    if kwargs.get("output_attentions"):
+        raise ValueError(f"{type(model).__name__} has no attention weights to output (output_attentions=True)")
+
+
+def resolve_cache(cache: Any, past_key_values: Any) -> RecurrentCache | None:
+    """The recurrent cache given as ``cache=`` (transformers >= 5.24) or ``past_key_values=`` (its older name).
+
+    Both at once, or anything that is not a ``RecurrentCache``, is an error rather than a cache silently ignored.
+    """
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("give the recurrent cache once, as cache= or as past_key_values= (its older name), not both")
+    given = cache if cache is not None else past_key_values
+    if given is not None and not isinstance(given, RecurrentCache):
+        raise TypeError(f"the cache must be the RecurrentCache a previous call returned (use_cache=True), "
+                        f"got {type(given).__name__}")
+    return given
+
+
 class RecurrentGenerationMixin:
     """Generation hooks for models whose cache is a ``RecurrentCache`` (not a growing KV cache)."""
 
@@ -120,17 +149,23 @@ class RecurrentGenerationMixin:
     def prepare_inputs_for_generation(
         self,
         input_ids: Tensor,
-        past_key_values: RecurrentCache | None = None,
+        cache: RecurrentCache | None = None,
         attention_mask: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: RecurrentCache | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """Prefill with the whole prompt, then feed only the newest token: its state carries the rest."""
-        if past_key_values is not None and past_key_values.steps:
-            return {"input_ids": input_ids[:, -1:], "past_key_values": past_key_values, "use_cache": True}
+        """Prefill with the whole prompt, then feed only the newest token: its state carries the rest.
+
+        ``generate`` passes the cache as ``cache`` (transformers >= 5.24) or ``past_key_values`` (before); the
+        model's forward takes it under ``cache``.
+        """
+        cache = resolve_cache(cache, past_key_values)
+        if cache is not None and cache.steps:
+            return {"input_ids": input_ids[:, -1:], "cache": cache, "use_cache": True}
         # (a step returns one position's logits anyway)
-        inputs: dict[str, Any] = {"attention_mask": attention_mask, "past_key_values": past_key_values,
+        inputs: dict[str, Any] = {"attention_mask": attention_mask, "cache": cache,
                                   "use_cache": use_cache if use_cache is not None else True}
         if kwargs.get("logits_to_keep"):  # prefill: generate only needs the last position's logits
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]

@@ -34,6 +34,7 @@ from torch import Tensor
 from attnfree.cache import RecurrentCache
 from attnfree.data import TextTokenizer
 from attnfree.decoding import Sampling
+from attnfree.models.compat import output_cache
 from attnfree.models.registry import max_positions
 from attnfree.serve.sampling import sample_rows
 
@@ -228,7 +229,7 @@ class Engine:
     def _probe_state_bytes(self) -> int:
         """Bytes of one stream's recurrent state (the same after any number of tokens)."""
         ids = torch.tensor([[self.tokenizer.bos_token_id]], device=self.device)
-        cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        cache = output_cache(self.model(input_ids=ids, use_cache=True, logits_to_keep=1))
         if not isinstance(cache, RecurrentCache):
             raise TypeError(f"the engine serves models with a RecurrentCache, got {type(cache).__name__}")
         return cache.nbytes()
@@ -379,13 +380,13 @@ class Engine:
         ids = torch.tensor([s.request.prompt_ids for s in group], device=self.device)  # [G, T]
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         self.counters["prefills"] += 1
-        return out.past_key_values, out.logits[:, -1]
+        return output_cache(out), out.logits[:, -1]
 
     def _step(self) -> None:
         """Feed every active stream's last token at once ([B, 1]) and sample each row with its own settings."""
         ids = torch.tensor([[s.last_token] for s in self._active], device=self.device)  # [B, 1]
         try:
-            out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True)
+            out = self.model(input_ids=ids, cache=self._cache, use_cache=True)
         except Exception as error:
             for stream in self._active:
                 self._fail(stream, error)

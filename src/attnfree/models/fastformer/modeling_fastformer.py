@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -24,13 +24,17 @@ from attnfree.cache import RecurrentCache
 from attnfree.layers.additive_attention import FastformerAttention, alibi_log_slopes
 from attnfree.layers.conv import CausalConvolution
 from attnfree.layers.ffn import FeedForward
+from attnfree.models.base import RecurrentPreTrainedModel
 from attnfree.models.common import (
     RecurrentGenerationMixin,
     causal_lm_loss,
+    check_forward_kwargs,
     embed_inputs,
     padding_mask,
     position_ids_from_mask,
+    resolve_cache,
 )
+from attnfree.models.compat import cache_kwargs, output_cache
 from attnfree.models.fastformer.configuration_fastformer import FastformerConfig
 
 
@@ -52,7 +56,7 @@ class FastformerLayer(GradientCheckpointingLayer):
         return h + self.ffn(h)
 
 
-class FastformerPreTrainedModel(PreTrainedModel):
+class FastformerPreTrainedModel(RecurrentPreTrainedModel):
     config_class = FastformerConfig
     config: FastformerConfig
     base_model_prefix = "model"
@@ -115,10 +119,11 @@ class FastformerModel(FastformerPreTrainedModel):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
-        past_key_values: RecurrentCache | None = None,
+        cache: RecurrentCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: RecurrentCache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
         # 1. shapes, mask, cache
@@ -130,9 +135,11 @@ class FastformerModel(FastformerPreTrainedModel):
             raise ValueError("empty input: the sequence has no tokens")
         mask = padding_mask(attention_mask)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if use_cache and past_key_values is None:
-            past_key_values = RecurrentCache(self.config.num_hidden_layers, B, device)
-        cache = past_key_values if use_cache else None
+        check_forward_kwargs(self, kwargs)
+        cache = resolve_cache(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = RecurrentCache(self.config.num_hidden_layers, B, device)
+        cache = cache if use_cache else None
         if position_ids is None:
             position_ids = position_ids_from_mask(mask, B, T, cache, device)
 
@@ -150,8 +157,8 @@ class FastformerModel(FastformerPreTrainedModel):
         # 3. count the tokens the cache has now seen
         if cache is not None:
             cache.advance(attention_mask if attention_mask is not None else torch.ones(B, T, device=device))
-        # HF types past_key_values as its KV Cache; ours is a RecurrentCache with the hooks generate() uses
-        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=cache,  # type: ignore[arg-type]
+        # the cache field is named as the installed transformers' generate() reads it (models.compat)
+        return BaseModelOutputWithPast(last_hidden_state=h, **cache_kwargs(cache),
                                        hidden_states=tuple(hidden_states) if output_hidden_states else None)
 
 
@@ -159,6 +166,7 @@ class FastformerModel(FastformerPreTrainedModel):
 class FastformerForCausalLM(RecurrentGenerationMixin, FastformerPreTrainedModel, GenerationMixin):  # type: ignore[misc]
     """Backbone + tied LM head (with bias) scaled by 1/sqrt(C); loss shifts labels inside, like GPT-2."""
 
+    backbone_class = FastformerModel
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: FastformerConfig):
@@ -183,17 +191,19 @@ class FastformerForCausalLM(RecurrentGenerationMixin, FastformerPreTrainedModel,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
-        past_key_values: RecurrentCache | None = None,
+        cache: RecurrentCache | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         num_items_in_batch: Tensor | int | None = None,
+        past_key_values: RecurrentCache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, use_cache,
-                         output_hidden_states)
+        check_forward_kwargs(self, kwargs)
+        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, resolve_cache(cache, past_key_values),
+                         use_cache, output_hidden_states)
         h = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
         # (h W^T + b) s as (s h) W^T + s b: the scale touches [B, T, C], not the V/C times larger logits
         logits = self.lm_head(h) if self.logit_scale == 1.0 else F.linear(
@@ -202,5 +212,5 @@ class FastformerForCausalLM(RecurrentGenerationMixin, FastformerPreTrainedModel,
         if labels is not None:
             smoothing = self.config.label_smoothing if self.training else 0.0  # never at evaluation
             loss = causal_lm_loss(logits, labels, attention_mask, smoothing, num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_kwargs(output_cache(out)),
                                       hidden_states=out.hidden_states)

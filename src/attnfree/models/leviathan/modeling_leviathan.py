@@ -24,7 +24,7 @@ from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -32,14 +32,18 @@ from attnfree.cache import RecurrentCache
 from attnfree.layers.correlation import MemberInteraction, MultiHeadedCorrelation
 from attnfree.layers.ffn import FeedForward
 from attnfree.layers.moe import RoutingStats, SparseMoE
+from attnfree.models.base import RecurrentPreTrainedModel
 from attnfree.models.common import (
     RecurrentGenerationMixin,
     causal_lm_loss,
+    check_forward_kwargs,
     check_input_ids,
     embed_inputs,
     padding_mask,
     position_ids_from_mask,
+    resolve_cache,
 )
+from attnfree.models.compat import cache_kwargs, output_cache
 from attnfree.models.leviathan.configuration_leviathan import (
     LeviathanConfig,
     LeviathanEnsembleConfig,
@@ -130,7 +134,7 @@ class LeviathanMoEComponent(GradientCheckpointingLayer):
 # ----------------------------------------------------------------------------------------------
 
 
-class LeviathanPreTrainedModel(PreTrainedModel):
+class LeviathanPreTrainedModel(RecurrentPreTrainedModel):
     config_class = LeviathanConfig
     config: LeviathanConfig
     base_model_prefix = "model"
@@ -216,10 +220,11 @@ class LeviathanModel(LeviathanPreTrainedModel):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
-        past_key_values: RecurrentCache | None = None,
+        cache: RecurrentCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: RecurrentCache | None = None,
         **kwargs: Any,
     ) -> LeviathanModelOutput:
         # 1. shapes, mask, cache
@@ -232,9 +237,11 @@ class LeviathanModel(LeviathanPreTrainedModel):
             raise ValueError("empty input: the sequence has no tokens")
         mask = padding_mask(attention_mask)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if use_cache and past_key_values is None:
-            past_key_values = RecurrentCache(self.config.num_hidden_layers, B, device)
-        cache = past_key_values if use_cache else None
+        check_forward_kwargs(self, kwargs)
+        cache = resolve_cache(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = RecurrentCache(self.config.num_hidden_layers, B, device)
+        cache = cache if use_cache else None
         if position_ids is None:
             position_ids = position_ids_from_mask(mask, B, T, cache, device)
 
@@ -245,9 +252,9 @@ class LeviathanModel(LeviathanPreTrainedModel):
         # 3. count the tokens the cache has now seen
         if cache is not None:
             cache.advance(attention_mask if attention_mask is not None else torch.ones(B, T, device=device))
-        # HF types past_key_values as its KV Cache; ours is a RecurrentCache with the hooks generate() uses
+        # the cache field is named as the installed transformers' generate() reads it (models.compat)
         aux_loss, tokens_per_expert, dropped = routing_report(stats)
-        return LeviathanModelOutput(last_hidden_state=h, past_key_values=cache,  # type: ignore[arg-type]
+        return LeviathanModelOutput(last_hidden_state=h, **cache_kwargs(cache),
                                     hidden_states=tuple(hidden_states) if output_hidden_states else None,
                                     aux_loss=aux_loss, tokens_per_expert=tokens_per_expert, dropped_tokens=dropped)
 
@@ -309,10 +316,11 @@ class LeviathanEnsembleModel(LeviathanPreTrainedModel):
         attention_mask: Tensor | list[Tensor] | None = None,
         position_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
-        past_key_values: RecurrentCache | None = None,
+        cache: RecurrentCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: RecurrentCache | None = None,
         **kwargs: Any,
     ) -> LeviathanModelOutput:
         c = self.config
@@ -323,9 +331,11 @@ class LeviathanEnsembleModel(LeviathanPreTrainedModel):
         S, B, T = ids.shape
         mask = padding_mask(attn)
         use_cache = use_cache if use_cache is not None else (c.use_cache and not self.training)
-        if use_cache and past_key_values is None:
-            past_key_values = RecurrentCache(c.n_members * c.num_hidden_layers, S * B, ids.device)
-        cache = past_key_values if use_cache else None
+        check_forward_kwargs(self, kwargs)
+        cache = resolve_cache(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = RecurrentCache(c.n_members * c.num_hidden_layers, S * B, ids.device)
+        cache = cache if use_cache else None
         if position_ids is None:
             flat_mask = mask.flatten(0, 1) if mask is not None else None
             position_ids = position_ids_from_mask(flat_mask, S * B, T, cache, ids.device)
@@ -349,7 +359,7 @@ class LeviathanEnsembleModel(LeviathanPreTrainedModel):
         # 4. count the tokens the cache has now seen
         if cache is not None:
             cache.advance(attn.flatten(0, 1))
-        return LeviathanModelOutput(last_hidden_state=h, past_key_values=cache,  # type: ignore[arg-type]
+        return LeviathanModelOutput(last_hidden_state=h, **cache_kwargs(cache),
                                     hidden_states=(x, h) if output_hidden_states else None)
 
 
@@ -390,17 +400,19 @@ class LeviathanForCausalLM(RecurrentGenerationMixin, LeviathanPreTrainedModel, G
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
-        past_key_values: RecurrentCache | None = None,
+        cache: RecurrentCache | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         num_items_in_batch: Tensor | int | None = None,
+        past_key_values: RecurrentCache | None = None,
         **kwargs: Any,
     ) -> LeviathanCausalLMOutput:
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, use_cache,
-                         output_hidden_states)
+        check_forward_kwargs(self, kwargs)
+        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, resolve_cache(cache, past_key_values),
+                         use_cache, output_hidden_states)
         h = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[..., -logits_to_keep:, :]
         logits = self.lm_head(h)  # [B, T, V] (ensemble with module_streams: [S, B, T, V])
         loss = None
@@ -413,7 +425,7 @@ class LeviathanForCausalLM(RecurrentGenerationMixin, LeviathanPreTrainedModel, G
                                   num_items_in_batch)
             extra = self.extra_loss(out) if self.training else None
             loss = loss + extra if extra is not None else loss
-        return LeviathanCausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        return LeviathanCausalLMOutput(loss=loss, logits=logits, **cache_kwargs(output_cache(out)),
                                        hidden_states=out.hidden_states, aux_loss=out.aux_loss,
                                        tokens_per_expert=out.tokens_per_expert, dropped_tokens=out.dropped_tokens)
 
