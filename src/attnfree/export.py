@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from attnfree.cache import RecurrentCache
 from attnfree.layers.correlation import STATE_KEY, MultiHeadedCorrelation
+from attnfree.models.compat import output_cache
 from attnfree.models.fastformer import FastformerForCausalLM
 from attnfree.models.leviathan import LeviathanForCausalLM, LeviathanModel
 from attnfree.models.registry import max_positions
@@ -193,7 +194,7 @@ class FastformerStep(nn.Module):
 
     def forward(self, input_ids: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
         cache = _fastformer_cache(self.model, list(flat))
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=input_ids, cache=cache, use_cache=True)
         return (out.logits[:, -1], *_fastformer_flatten(self.model, cache))
 
 
@@ -256,7 +257,7 @@ class Prefill(nn.Module):
             input_ids = torch.cat([input_ids.new_zeros(B, self.front), input_ids], 1)
             attention_mask = torch.cat([attention_mask.new_zeros(B, self.front), attention_mask], 1)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
-        logits, cache = out.logits[:, self.front:], out.past_key_values  # [B, T, V], RecurrentCache
+        logits, cache = out.logits[:, self.front:], output_cache(out)  # [B, T, V], RecurrentCache
         if self.windows is None:
             state = _fastformer_flatten(self.model, cache)  # type: ignore[arg-type]
         else:
@@ -413,7 +414,7 @@ def _file_record(path: Path) -> dict[str, Any]:
 def _tokenizer_record(tokenizer: Any, folder: Path) -> dict[str, Any]:
     """Save the tokenizer into ``folder`` and describe it for the runtime (kind: byte or tokenizers)."""
     tokenizer.save(folder)
-    kind = "byte" if tokenizer.name == "byte" and not (folder / "tokenizer.json").is_file() else "tokenizers"
+    kind = "byte" if tokenizer.name == "byte" else "tokenizers"  # bytes need no tokenizers library at run time
     if kind == "tokenizers" and not (folder / "tokenizer.json").is_file():
         raise ValueError(f"tokenizer {tokenizer.name!r} has no tokenizer.json: the runtime cannot load it")
     return {"kind": kind, "name": tokenizer.name, "folder": TOKENIZER_DIR, "vocab_size": tokenizer.vocab_size,
