@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from attnfree import FastformerConfig, FastformerForCausalLM
 from attnfree.data import ByteTokenizer
-from attnfree.models.baselines import count_parameters
 from attnfree.models.registry import (
     MODELS,
     ModelSize,
-    build_fastformer,
     build_model,
+    count_parameters,
     parse_model_spec,
     register_model,
     split_model_list,
@@ -111,7 +111,7 @@ def test_spec_overrides_reach_the_config():
         "fastformer", {"residual": "normed", "kernel_size": 8})
     model = build_model("fastformer-conv:kernel_size=8", SIZE, ByteTokenizer(), {"label_smoothing": 0})
     assert model.config.kernel_size == 8 and model.config.label_smoothing == 0.0
-    gpt2 = build_model("gpt2:ffn_multiplier=2,activation_function=relu", SIZE, ByteTokenizer())
+    gpt2 = build_model("gpt2:n_inner=128,activation_function=relu", SIZE, ByteTokenizer())
     assert gpt2.config.n_inner == 128 and gpt2.config.activation_function == "relu"
     design = build_model("fastformer:decay=none,scale_logits=true", SIZE, ByteTokenizer())
     assert design.config.decay == "none" and design.config.scale_logits is True  # the string choice, not None
@@ -125,7 +125,7 @@ def test_model_lists_keep_overrides_with_their_model():
 
 
 def test_register_model_is_one_line():
-    register_model("tiny-fastformer", lambda size, ids, over: build_fastformer(size, ids, {**over, "n_heads": 1}))
+    register_model("tiny-fastformer", FastformerConfig, FastformerForCausalLM, defaults={"n_heads": 1})
     try:
         assert build_model("tiny-fastformer", SIZE, ByteTokenizer()).config.n_heads == 1
     finally:

@@ -1,6 +1,7 @@
 """attnfree: attention-free causal language models (causal Fastformer, Leviathan), HuggingFace-native.
 
-Importing the package registers every model family with AutoConfig / AutoModel / AutoModelForCausalLM.
+Importing the package registers every model family (``attnfree.models.registry``) and, through it, with
+AutoConfig / AutoModel / AutoModelForCausalLM.
 On a machine without torch (an edge device with only numpy + onnxruntime) the package still imports, with
 none of the models, so that ``attnfree.runtime`` runs exported graphs there (see ``attnfree export``).
 """
@@ -14,6 +15,7 @@ except ImportError:
 
 if HAS_TORCH:
     from attnfree.cache import RecurrentCache
+    from attnfree.models import registry  # noqa: F401  (registers every family, and the Auto classes)
     from attnfree.models.fastformer import (
         FastformerConfig,
         FastformerForCausalLM,

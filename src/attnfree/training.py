@@ -53,7 +53,7 @@ from attnfree.data import (
     tokenize_cached,
 )
 from attnfree.metrics import EvalResult, evaluate_bpc
-from attnfree.models.baselines import count_parameters
+from attnfree.models.registry import count_parameters
 from attnfree.models.registry import ModelSize, build_model, max_positions, parse_model_spec
 
 RUN_FILE = "run.json"

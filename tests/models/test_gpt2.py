@@ -6,7 +6,8 @@ from typing import Any
 import pytest
 import torch
 
-from attnfree.models.baselines import count_parameters, gpt2_baseline, matched_gpt2
+from attnfree.models.gpt2 import gpt2_baseline, matched_gpt2
+from attnfree.models.registry import count_parameters
 from attnfree.testing import assert_close
 
 SMALL: dict[str, Any] = dict(
@@ -38,7 +39,7 @@ def test_config_carries_every_argument() -> None:
 
 @pytest.mark.parametrize(
     "change, match",
-    [({"n_heads": 5}, "divisible"), ({"eos_token_id": 50256}, "eos_token_id 50256 out of range")],
+    [({"n_heads": 5}, "divisible"), ({"eos_token_id": 50256}, "eos_token_id=50256 is outside the vocabulary")],
     ids=["heads", "eos-out-of-range"],
 )
 def test_invalid_sizes_are_refused(change: dict, match: str) -> None:

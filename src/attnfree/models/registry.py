@@ -1,26 +1,37 @@
-"""Every trainable model by name: one table from a name to a builder, so training, comparison and the CLI
-never branch on model names.
+"""Every trainable model by name, built through one path: so training, comparison and the CLI never branch on names.
 
-A builder takes a ``ModelSize`` (the shared knobs every family understands), the tokenizer's special
-ids and a dict of per-model overrides (any field of that family's config), and returns a freshly
-initialised ``PreTrainedModel``. Seed torch before calling it: builders draw the initial weights.
+A family registers once: ``register_model(name, config_class, build, sizes, defaults)``. Building a model is then
+always the same three steps:
+
+1. ``sizes(ModelSize, special ids)``: the shared knobs (width, heads, layers, positions, dropout, vocabulary) as
+   fields of the family's config (``recurrent_sizes`` for ours, ``gpt2_sizes`` for the baseline, ...);
+2. the family's ``defaults`` (e.g. fastformer-conv's ``convolve=True``), then the caller's overrides, typed like the
+   config's defaults and checked against its fields (``configure``);
+3. ``build(config)``: the model, freshly initialised (seed torch first).
 
 A spec string names a model and, optionally, its overrides: ``fastformer:residual=normed,kernel_size=8``.
-Adding a family is one line: ``register_model("leviathan", build_leviathan)``.
 """
 
 from __future__ import annotations
 
 import ast
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from transformers import GPT2Config, PreTrainedConfig, PreTrainedModel
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, PreTrainedConfig, PreTrainedModel
 
-from attnfree.models.baselines import gpt2_baseline
 from attnfree.models.fastformer import FastformerConfig, FastformerForCausalLM
-from attnfree.models.leviathan import build_leviathan, build_leviathan_ensemble, build_leviathan_moe
+from attnfree.models.gpt2 import build_gpt2, gpt2_sizes
+from attnfree.models.leviathan import (
+    LeviathanConfig,
+    LeviathanEnsembleConfig,
+    LeviathanEnsembleForCausalLM,
+    LeviathanForCausalLM,
+    LeviathanMoEConfig,
+    LeviathanMoEForCausalLM,
+)
 
 
 @dataclass(frozen=True)
@@ -53,16 +64,60 @@ class SpecialIds(Protocol):
     eos_token_id: int
 
 
-ModelBuilder = Callable[[ModelSize, SpecialIds, Mapping[str, Any]], PreTrainedModel]
-
-MODELS: dict[str, ModelBuilder] = {}
+Sizes = Callable[[ModelSize, SpecialIds], dict[str, Any]]
 
 
-def register_model(name: str, builder: ModelBuilder) -> None:
-    """Add (or replace) a model family under ``name``."""
+def recurrent_sizes(size: ModelSize, ids: SpecialIds) -> dict[str, Any]:
+    """The shared sizes as the fields every attnfree family's config has."""
+    return {"hidden_size": size.hidden_size, "n_heads": size.n_heads, "num_hidden_layers": size.num_layers,
+            "n_positions": size.n_positions, "hidden_dropout_prob": size.dropout, "vocab_size": ids.vocab_size,
+            "pad_token_id": ids.pad_token_id, "bos_token_id": ids.bos_token_id, "eos_token_id": ids.eos_token_id}
+
+
+def one_layer_fewer(size: ModelSize, ids: SpecialIds) -> dict[str, Any]:
+    """``recurrent_sizes`` with one layer fewer (at least 1): fastformer-conv's convolutions cost about a layer, so
+    its parameter count stays close to the plain model's."""
+    return {**recurrent_sizes(size, ids), "num_hidden_layers": max(1, size.num_layers - 1)}
+
+
+def baseline_gpt2_sizes(size: ModelSize, ids: SpecialIds) -> dict[str, Any]:
+    return gpt2_sizes(size.hidden_size, size.n_heads, size.num_layers, size.n_positions, size.dropout,
+                      ids.vocab_size, ids.pad_token_id, ids.bos_token_id, ids.eos_token_id)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """How to build one registered model (see the module docstring)."""
+
+    config_class: type[PreTrainedConfig]
+    build: Callable[[Any], PreTrainedModel]
+    sizes: Sizes = recurrent_sizes
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, config_class: type[PreTrainedConfig], build: Callable[[Any], PreTrainedModel],
+                   sizes: Sizes = recurrent_sizes, defaults: Mapping[str, Any] | None = None,
+                   auto: bool = True) -> None:
+    """Add (or replace) a model under ``name``: one line per family.
+
+    ``build`` is usually the family's ForCausalLM class. With ``auto`` (and a class for ``build``), the config and
+    model classes are also registered with transformers' AutoConfig / AutoModelForCausalLM (and AutoModel for the
+    backbone class the LM names as ``backbone_class``, if any).
+    """
     if not name or any(c in name for c in ":,= "):
         raise ValueError(f"model name {name!r} must be non-empty and free of ':', ',', '=' and spaces")
-    MODELS[name] = builder
+    MODELS[name] = ModelEntry(config_class, build, sizes, dict(defaults or {}))
+    if auto and isinstance(build, type) and issubclass(build, PreTrainedModel):
+        model_type = getattr(config_class, "model_type", "")
+        if model_type:
+            AutoConfig.register(model_type, config_class, exist_ok=True)
+            AutoModelForCausalLM.register(config_class, build, exist_ok=True)
+            backbone = getattr(build, "backbone_class", None)
+            if isinstance(backbone, type) and issubclass(backbone, PreTrainedModel):
+                AutoModel.register(config_class, backbone, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,73 +199,15 @@ def configure(config_class: type[ConfigT], base: Mapping[str, Any], overrides: M
     return config_class(**merged)
 
 
-# ----------------------------------------------------------------------------------------------
-# Builders
-# ----------------------------------------------------------------------------------------------
-
-
-def _fastformer_base(size: ModelSize, ids: SpecialIds) -> dict[str, Any]:
-    return {
-        "hidden_size": size.hidden_size,
-        "n_heads": size.n_heads,
-        "num_hidden_layers": size.num_layers,
-        "n_positions": size.n_positions,
-        "hidden_dropout_prob": size.dropout,
-        "vocab_size": ids.vocab_size,
-        "pad_token_id": ids.pad_token_id,
-        "bos_token_id": ids.bos_token_id,
-        "eos_token_id": ids.eos_token_id,
-    }
-
-
-def build_fastformer(size: ModelSize, ids: SpecialIds, overrides: Mapping[str, Any]) -> PreTrainedModel:
-    """The causal Fastformer at ``size`` (``convolve=False``)."""
-    return FastformerForCausalLM(configure(FastformerConfig, _fastformer_base(size, ids), overrides))
-
-
-def build_fastformer_conv(size: ModelSize, ids: SpecialIds, overrides: Mapping[str, Any]) -> PreTrainedModel:
-    """The earlier work's convolutional variant: a causal convolution in every layer, and one layer fewer
-    than ``size`` says (at least 1) so its parameter count stays close to the plain model's."""
-    base = {**_fastformer_base(size, ids), "convolve": True, "num_hidden_layers": max(1, size.num_layers - 1)}
-    return FastformerForCausalLM(configure(FastformerConfig, base, overrides))
-
-
-def build_gpt2(size: ModelSize, ids: SpecialIds, overrides: Mapping[str, Any]) -> PreTrainedModel:
-    """The matched GPT-2 baseline (``attnfree.models.baselines.gpt2_baseline``); overrides may set
-    ``ffn_multiplier`` or any ``GPT2Config`` field."""
-    extra = dict(overrides)
-    model = gpt2_baseline(
-        vocab_size=ids.vocab_size,
-        hidden_size=size.hidden_size,
-        n_heads=size.n_heads,
-        num_layers=size.num_layers,
-        n_positions=size.n_positions,
-        dropout=size.dropout,
-        pad_token_id=ids.pad_token_id,
-        bos_token_id=ids.bos_token_id,
-        eos_token_id=ids.eos_token_id,
-        ffn_multiplier=float(extra.pop("ffn_multiplier", 4)),
-    )
-    if not extra:
-        return model
-    config = configure(GPT2Config, model.config.to_diff_dict(), extra)
-    return type(model)._from_config(config, attn_implementation="sdpa")
-
-
-register_model("fastformer", build_fastformer)
-register_model("fastformer-conv", build_fastformer_conv)
-register_model("gpt2", build_gpt2)
-register_model("leviathan", build_leviathan)
-register_model("leviathan-ensemble", build_leviathan_ensemble)
-register_model("leviathan-moe", build_leviathan_moe)
-
-
 def build_model(spec: str, size: ModelSize, ids: SpecialIds, overrides: Mapping[str, Any] | None = None
                 ) -> PreTrainedModel:
-    """Build the model named by ``spec`` (``name`` or ``name:key=value,...``); ``overrides`` are applied
-    after the spec's own."""
+    """Build the model named by ``spec`` (``name`` or ``name:key=value,...``); ``overrides`` are applied after the
+    spec's own (see the module docstring)."""
     name, spec_overrides = parse_model_spec(spec)
-    return MODELS[name](size, ids, {**spec_overrides, **(overrides or {})})
+    entry = MODELS[name]
+    config = configure(entry.config_class, {**entry.sizes(size, ids), **entry.defaults},
+                       {**spec_overrides, **(overrides or {})})
+    return entry.build(config)
 
 
 def max_positions(model: PreTrainedModel) -> int | None:
@@ -220,3 +217,16 @@ def max_positions(model: PreTrainedModel) -> int | None:
         return None
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     return int(limit) if limit else None
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int:
+    """Number of parameters, counting each shared (tied) tensor once (``parameters()`` yields a shared one once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+register_model("fastformer", FastformerConfig, FastformerForCausalLM)
+register_model("fastformer-conv", FastformerConfig, FastformerForCausalLM, one_layer_fewer, {"convolve": True})
+register_model("leviathan", LeviathanConfig, LeviathanForCausalLM)
+register_model("leviathan-ensemble", LeviathanEnsembleConfig, LeviathanEnsembleForCausalLM)
+register_model("leviathan-moe", LeviathanMoEConfig, LeviathanMoEForCausalLM)
+register_model("gpt2", GPT2Config, build_gpt2, baseline_gpt2_sizes, auto=False)
