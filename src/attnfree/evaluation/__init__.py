@@ -1,0 +1,1 @@
+"""Evaluation beyond the training loop: tasks for lm-evaluation-harness (``harness``)."""
