@@ -11,17 +11,16 @@ Prints a table of medians (ms) and writes the rows as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from attnfree.ops.backend import use_kernel_backend
 from attnfree.ops.correlation import correlation, correlation_parallel, make_lags
+from benchmarks.common import write_json
 
 SHAPES = [(4, 1024, 4, 64), (1, 4096, 4, 64)]  # [B, T, H, D]
 
@@ -101,10 +100,7 @@ def main() -> None:
         rows.append({"shape": list(shape), "device": args.device, "threads": args.threads, **timings})
         cells = (f"{t['median_ms']:8.1f} ({t['min_ms']:6.1f})" for t in timings.values())
         print(f"{str(list(shape)):>18} " + " ".join(f"{c:>18}" for c in cells))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, {'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from attnfree.models.registry import MODELS as REGISTERED
 from attnfree.models.registry import ModelSize, build_model
+from attnfree.provenance import provenance
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 7, warmup: int = 2) -> float:
@@ -52,7 +53,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    path.write_text(json.dumps({"provenance": provenance(), "machine": machine(), **payload}, indent=2))
     return path
 
 

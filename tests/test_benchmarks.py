@@ -28,6 +28,9 @@ EXPECTED = {
 }
 
 
+PROVENANCE = {"python", "torch", "transformers", "attnfree", "git_commit", "git_dirty"}
+
+
 def run_quick(name: str, out: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--threads", "1", "--out", str(out)]
@@ -42,7 +45,8 @@ def test_quick_run_writes_sane_json_and_plot(name, tmp_path):
     out = tmp_path / f"{name}.json"
     payload = run_quick(name, out)
     assert out.with_suffix(".png").stat().st_size > 0
-    assert {"machine", "rows"} <= payload.keys()
+    assert {"machine", "rows", "provenance"} <= payload.keys()
+    assert PROVENANCE <= payload["provenance"].keys()
     keys, positive = EXPECTED[name]
     rows = [r for r in payload["rows"] if "note" not in r]  # skipped points carry a note instead of numbers
     assert rows, payload["rows"]

@@ -29,6 +29,7 @@ def test_compare_writes_table_plots_and_samples(small_text, tmp_path, monkeypatc
     assert "| fastformer_residual=normed |" in printed and "| gpt2 |" in printed
     # the same trained tokenizer, budget and seed for both; each run's files in its own folder
     results = json.loads((out / "results.json").read_text())
+    assert {"python", "torch", "transformers", "attnfree", "git_commit", "git_dirty"} <= results["provenance"].keys()
     runs = {k: RunResult(**v) for k, v in results["runs"].items()}
     assert list(runs) == ["fastformer_residual=normed", "gpt2"]
     assert {r.settings["tokenizer"] for r in runs.values()} == {str((out / "tokenizer").resolve())}

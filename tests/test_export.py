@@ -35,6 +35,7 @@ from attnfree.export import (  # noqa: E402
     step_module,
 )
 from attnfree.metrics import evaluate_bpc  # noqa: E402
+from attnfree.models.compat import output_cache  # noqa: E402
 from attnfree.models.registry import ModelSize, build_model  # noqa: E402
 from attnfree.ops.correlation import correlation_step, init_correlation_state  # noqa: E402
 from attnfree.runtime import OnnxLM  # noqa: E402
@@ -102,13 +103,13 @@ def test_step_module_matches_model_decoding(name):
     ids, mask = padded_batch()
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         last, all_logits, *state = Prefill(model)(ids, mask)
         torch.testing.assert_close(all_logits, out.logits, rtol=1e-5, atol=1e-5)
         step = step_module(model)
         token = out.logits[:, -1].argmax(-1)
         for t in range(20):
-            ref = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            ref = model(input_ids=token[:, None], cache=cache, use_cache=True).logits[:, -1]
             got, *state = step(token[:, None], *state)
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=f"{name} step {t}")
             token = ref.argmax(-1)
@@ -191,11 +192,11 @@ def test_exported_prefill_and_50_steps_match_pytorch(exported):
     np.testing.assert_allclose(all_logits[real], out.logits.numpy()[real], rtol=0, atol=FLOAT32_ATOL)
     np.testing.assert_allclose(last, out.logits[:, -1].numpy(), rtol=0, atol=FLOAT32_ATOL)
     # 2. 50 steps, both fed PyTorch's greedy tokens
-    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+    cache, token = output_cache(out), out.logits[:, -1].argmax(-1)
     worst = 0.0
     for t in range(50):
         with torch.no_grad():
-            ref = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            ref = model(input_ids=token[:, None], cache=cache, use_cache=True).logits[:, -1]
         got, state = lm.step(token.numpy(), state)
         worst = max(worst, float(np.abs(got - ref.numpy()).max()))
         assert worst <= FLOAT32_ATOL, f"step {t}: max abs logit error {worst:.2e}"

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+import attnfree
 from attnfree import FastformerConfig, FastformerForCausalLM
 from attnfree.data import ByteTokenizer
 from attnfree.models.registry import (
@@ -148,6 +149,10 @@ def test_train_records_everything(small_text, tmp_path):
     assert result.tokens_per_second > 0 and result.peak_memory_mb > 10 and result.parameters > 0
     assert [h["step"] for h in result.train_history] == [1, 2, 4, 6, 8]
     assert (tmp_path / "run" / "model.safetensors").is_file()
+    recorded = result.provenance  # the versions and the source that produced the run
+    assert recorded["torch"] == torch.__version__ and recorded["attnfree"] == attnfree.__version__
+    assert len(recorded["git_commit"]) == 40 and isinstance(recorded["git_dirty"], bool)
+    assert {"python", "transformers"} <= recorded.keys()
 
 
 def test_max_seconds_stops_cleanly(small_text, tmp_path):

@@ -26,6 +26,7 @@ from typing import Any
 
 from attnfree.data import load_corpus, load_tokenizer
 from attnfree.models.registry import build_model
+from attnfree.provenance import provenance
 from attnfree.training import RECIPES, RunResult, TrainSettings, generate_text, load_checkpoint, recipe
 
 __all__ = ["RECIPES", "ComparisonResult", "compare", "plot_histories", "recipe", "results_table"]
@@ -188,7 +189,8 @@ def _write(output_dir: Path, settings: TrainSettings, result: ComparisonResult) 
     """results.json, results.md and the two plots."""
     files = [plot_histories(result.runs, "step", output_dir / "bpc_vs_steps.png"),
              plot_histories(result.runs, "seconds", output_dir / "bpc_vs_seconds.png")]
-    payload: dict[str, Any] = {"settings": settings.to_dict(), "wall_seconds": result.wall_seconds,
+    payload: dict[str, Any] = {"provenance": provenance(), "settings": settings.to_dict(),
+                               "wall_seconds": result.wall_seconds,
                                "runs": {k: asdict(v) for k, v in result.runs.items()}, "samples": result.samples}
     (output_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     text = _markdown(settings, result.runs, result.samples, result.table, result.wall_seconds)

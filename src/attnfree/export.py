@@ -52,6 +52,7 @@ from attnfree.models.registry import max_positions
 from attnfree.ops.additive import AdditiveState
 from attnfree.ops.correlation.recurrent import softmax_dtype
 from attnfree.ops.correlation.state import capacities, state_history
+from attnfree.provenance import provenance
 
 FORMAT = "attnfree-onnx"
 FORMAT_VERSION = 1
@@ -469,6 +470,7 @@ def _manifest(model: nn.Module, specs: list[StateSpec], tok: dict[str, Any], gra
              if p.is_file() and p.name != MANIFEST}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "opset": opset, "torch_version": torch.__version__,
+        "provenance": provenance(),
         "model_type": c.model_type, "architecture": type(model).__name__, "config": c.to_dict(),
         "vocab_size": c.vocab_size, "max_positions": max_positions(cast(Any, model)),
         "bos_token_id": tok["bos_token_id"], "eos_token_id": tok["eos_token_id"], "pad_token_id": tok["pad_token_id"],

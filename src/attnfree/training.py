@@ -53,8 +53,8 @@ from attnfree.data import (
     tokenize_cached,
 )
 from attnfree.metrics import EvalResult, evaluate_bpc
-from attnfree.models.registry import count_parameters
-from attnfree.models.registry import ModelSize, build_model, max_positions, parse_model_spec
+from attnfree.models.registry import ModelSize, build_model, count_parameters, max_positions, parse_model_spec
+from attnfree.provenance import provenance
 
 RUN_FILE = "run.json"
 
@@ -300,6 +300,7 @@ class RunResult:
     device: str
     output_dir: str
     settings: dict[str, Any]
+    provenance: dict[str, Any] = field(default_factory=dict)  # versions and source revision (attnfree.provenance)
 
     def to_json(self, path: str | Path) -> Path:
         out = Path(path)
@@ -631,6 +632,7 @@ def _finish(s: TrainSettings, trainer: Trainer, data: _Data, clock: TrainClock, 
         data_protocol=data.corpus.protocol, eval_protocol=final.protocol, eval_history=evals, train_history=losses,
         world_size=trainer.args.world_size, device=str(trainer.args.device), output_dir=s.output_dir,
         settings=json.loads(json.dumps(s.to_dict())),  # as run.json holds it (tuples become lists)
+        provenance=provenance(),
     )
     Path(s.output_dir).mkdir(parents=True, exist_ok=True)
     data.tokenizer.save(s.output_dir)

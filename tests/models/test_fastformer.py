@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import attnfree  # noqa: F401  (registers the Auto classes)
 from attnfree import FastformerConfig, FastformerForCausalLM, FastformerLMConfig, FastformerModel
-from attnfree.models.compat import output_cache
+from attnfree.models.compat import enable_activation_checkpointing, output_cache
 from attnfree.testing import assert_close, perturb
 
 TINY = dict(hidden_size=24, n_heads=3, vocab_size=40, num_hidden_layers=2, n_positions=64,
@@ -173,7 +173,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     model(ids, labels=ids).loss.backward()
     ref = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.activation_checkpointing_enable()  # transformers 5's name for gradient_checkpointing_enable
+    enable_activation_checkpointing(model)
     model(ids, labels=ids).loss.backward()
     for r, p in zip(ref, model.parameters()):
         assert_close("checkpointed grad", p.grad, r)

@@ -314,3 +314,14 @@ def test_step_rejects_mismatched_state() -> None:
     x = torch.zeros(2, 2, 4)
     with pytest.raises(ValueError):
         correlation_step(x, x, x, LAG_SETS["dense4"], 4, None, state)
+
+
+@pytest.mark.parametrize("form", ["naive", "parallel", "recurrent"])
+@pytest.mark.parametrize("kind", [torch.tensor, tuple, list], ids=["tensor", "tuple", "list"])
+def test_every_form_takes_every_lag_type(form: str, kind) -> None:
+    """One lag type across the forms: a tensor, a tuple or a list of ints gives the same values everywhere."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 9, 2, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    expected = CORRELATION_IMPLS["naive"](q, k, v, torch.tensor([0, 1, 4]), 2)[0]
+    got = CORRELATION_IMPLS[form](q, k, v, kind([0, 1, 4]), 2)[0]
+    assert_close(f"{form} with {kind.__name__} lags", got, expected)

@@ -24,9 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnfree.layers.validation import check_mode
 from attnfree.ops.additive import AdditiveState, additive_pool, additive_pool_step, additive_pool_step_
 
 DECAY_MODES = ("none", "fixed", "learned")
+RESIDUAL_MODES = ("raw", "normed")
 
 
 def alibi_log_slopes(n_heads: int) -> Tensor:
@@ -38,6 +40,8 @@ class FastformerAttention(nn.Module):
     def __init__(self, hidden_size: int, n_heads: int, dropout: float, eps: float, residual: str, chunk: int,
                  decay: str = "none"):
         super().__init__()
+        check_mode("FastformerAttention.residual", residual, RESIDUAL_MODES)
+        check_mode("FastformerAttention.decay", decay, DECAY_MODES)
         self.n_heads, self.head_dim = n_heads, hidden_size // n_heads
         self.residual, self.chunk, self.decay = residual, chunk, decay
         if decay == "learned":  # log-slopes per head for the query and key poolings

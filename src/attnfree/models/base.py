@@ -13,7 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
 
 REMOTE_CODE_FILE = "attnfree_remote.py"
 
@@ -46,6 +49,26 @@ class RecurrentPreTrainedModel(PreTrainedModel):
         if validate is not None:  # again: a field may have been assigned after the config was built
             validate()
         super().__init__(config, *args, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The one place where initialisation lives: N(0, initializer_range) linear and embedding weights, zero
+        biases and padding embedding, unit LayerNorms. A family extends it for its own modules (super() first).
+
+        Through ``transformers.initialization``, which leaves alone the tensors a checkpoint has just filled.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                init.zeros_(module.bias)
+            # (the slice loses the loaded flag: check it here, as transformers' own models do)
+            if (isinstance(module, nn.Embedding) and module.padding_idx is not None
+                    and not getattr(module.weight, "_is_hf_initialized", False)):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
 
     def auto_classes(self) -> dict[str, type]:
         """The classes transformers' Auto classes should build for this checkpoint."""

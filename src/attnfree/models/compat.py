@@ -25,3 +25,10 @@ def output_cache(output: Any) -> Any:
 def cache_kwargs(cache: Any) -> dict[str, Any]:
     """``{CACHE_FIELD: cache}``: keyword arguments that put ``cache`` into a transformers output class."""
     return {CACHE_FIELD: cache}
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute activations in backward: ``activation_checkpointing_enable`` (transformers 5.24 on), or its name
+    before, ``gradient_checkpointing_enable``."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()

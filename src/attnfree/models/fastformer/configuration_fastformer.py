@@ -5,6 +5,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from attnfree.layers.additive_attention import DECAY_MODES, RESIDUAL_MODES
 from attnfree.models.validation import (
     check_choice,
     check_divisible,
@@ -15,8 +16,6 @@ from attnfree.models.validation import (
 )
 
 POSITION_EMBEDDING_TYPES = ("learned", "none")
-RESIDUAL_MODES = ("raw", "normed")
-DECAY_MODES = ("none", "fixed", "learned")
 
 
 @strict

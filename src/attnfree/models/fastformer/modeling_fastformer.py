@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin
+from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -65,25 +66,16 @@ class FastformerPreTrainedModel(RecurrentPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The one place where initialisation lives: N(0, initializer_range) weights, zero biases,
-        zero score vectors (uniform pooling at the start, as in the design), unit LayerNorms."""
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.normal_(0.0, std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
-        elif isinstance(module, CausalConvolution):
-            module.weight.normal_(0.0, std)
+        """The shell's initialisation, plus: N(0, initializer_range) convolution weights, zero score vectors
+        (uniform pooling at the start, as in the design), ALiBi slopes for a learned decay."""
+        super()._init_weights(module)
+        if isinstance(module, CausalConvolution):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, FastformerAttention):
-            module.query_score.zero_()
-            module.key_score.zero_()
+            init.zeros_(module.query_score)
+            init.zeros_(module.key_score)
             if module.decay == "learned":
-                module.log_slopes.copy_(alibi_log_slopes(module.n_heads).repeat(2, 1))
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.fill_(1.0)
-            module.bias.zero_()
+                init.copy_(module.log_slopes, alibi_log_slopes(module.n_heads).repeat(2, 1))
 
 
 class FastformerModel(FastformerPreTrainedModel):

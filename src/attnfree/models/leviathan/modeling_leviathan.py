@@ -141,21 +141,6 @@ class LeviathanPreTrainedModel(RecurrentPreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["LeviathanComponentBase", "LeviathanMoEComponent"]
 
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        """The one place where initialisation lives: N(0, initializer_range) linear and embedding weights
-        (router included), zero biases and padding embedding, unit LayerNorms."""
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.normal_(0.0, std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.fill_(1.0)
-            module.bias.zero_()
-
     def parameter_counts(self) -> dict[str, int]:
         """Parameters in total and active per token (tied weights once; an MoE token uses top_k experts)."""
         total = sum(p.numel() for p in self.parameters())

@@ -59,7 +59,7 @@ def correlation_naive(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    lags: Tensor,
+    lags: Tensor | Sequence[int],
     segment: int = 4,
     mask: Tensor | None = None,
     initial_state: CorrelationState | None = None,

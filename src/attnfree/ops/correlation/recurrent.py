@@ -12,6 +12,7 @@ Cost per token: O(L J D), independent of t.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -44,7 +45,7 @@ def correlation_step(
     q_t: Tensor,
     k_t: Tensor,
     v_t: Tensor,
-    lags: Tensor,
+    lags: Tensor | Sequence[int],
     segment: int,
     mask_t: Tensor | None,
     state: CorrelationState,
@@ -59,7 +60,7 @@ def correlation_step(
     _write(state, q_t, k_t, v_t, mask_t)
     # 2. absolute positions of the terms: queries t-j, keys t-tau-j, values t-tau
     t, dev = state.seen, q_t.device
-    lag = lags.to(dev)
+    lag = torch.as_tensor(lag_list, device=dev)
     tq = t - torch.arange(segment, device=dev)  # [J]
     tk = tq[:, None] - lag[None, :]  # [J, L]
     tv = t - lag  # [L]
@@ -82,7 +83,7 @@ def correlation_recurrent(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    lags: Tensor,
+    lags: Tensor | Sequence[int],
     segment: int = 4,
     mask: Tensor | None = None,
     initial_state: CorrelationState | None = None,

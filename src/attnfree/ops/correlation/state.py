@@ -101,7 +101,7 @@ def init_correlation_state(
     batch: int,
     heads: int,
     head_dim: int,
-    lags: Tensor,
+    lags: Tensor | Sequence[int],
     segment: int = 4,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
