@@ -28,7 +28,7 @@ def test_forms_agree(K, groups, T):
     st = init_conv_state(B, C, K, x.dtype)
     steps = []
     for t in range(T):
-        y, st = causal_conv1d_step(x[:, t], w, groups, st, mask[:, t])
+        y, st = causal_conv1d_step(x[:, t], w, groups, mask[:, t], st)
         steps.append(y)
     assert_close("step", torch.stack(steps, 1), ref)
     assert_close("step state", st, ref_state)

@@ -70,7 +70,7 @@ def assert_states_close(
 ) -> None:
     """Every tensor the state holds, and the position counter."""
     assert actual is not None and expected is not None, f"{name}: no final state"
-    assert actual.seen == expected.seen, f"{name}: seen {actual.seen} != {expected.seen}"
+    assert torch.equal(actual.seen, expected.seen), f"{name}: seen {actual.seen} != {expected.seen}"
     assert torch.equal(actual.valid, expected.valid), f"{name}: valid differs"
     for field in ("q", "k", "v"):
         assert_close(f"{name}.{field}", getattr(actual, field), getattr(expected, field))
@@ -275,7 +275,7 @@ def test_make_lags_rejects(dense: int, max_positions: int) -> None:
 def test_init_state_shapes() -> None:
     state = init_correlation_state(2, 3, 8, LAG_SETS["dense4"], segment=4, dtype=torch.float64)
     assert state.q.shape == (2, 4, 3, 8) and state.k.shape == (2, 36, 3, 8) and state.v.shape == (2, 33, 3, 8)
-    assert state.valid.shape == (2, 36) and not state.valid.any() and state.seen == 0
+    assert state.valid.shape == (2, 36) and not state.valid.any() and state.seen.tolist() == [0, 0]
     assert state.k.dtype == torch.float64
 
 

@@ -59,9 +59,11 @@ def causal_conv1d(
 
 
 def causal_conv1d_step(
-    x_t: Tensor, weight: Tensor, groups: int, state: Tensor, mask_t: Tensor | None = None
+    x_t: Tensor, weight: Tensor, groups: int, mask_t: Tensor | None, state: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """One token: x_t [B, C], state [B, C, K-1] -> (y_t [B, C], new state [B, C, K-1])."""
+    """One token: x_t [B, C], mask_t [B] or None, state [B, C, K-1] -> (y_t [B, C], new state [B, C, K-1]).
+
+    The argument order of every step in ``ops``: the token's inputs, the op's parameters, the mask, the state."""
     B, C = x_t.shape
     K, cg = weight.shape[-1], C // groups
     if mask_t is not None:

@@ -19,6 +19,7 @@ from attnfree.ops.correlation.state import (
     CorrelationState,
     check_inputs,
     prepend_history,
+    seen_after,
     state_from_sequence,
 )
 
@@ -84,5 +85,5 @@ def correlation_naive(
     # 3. the state after the last token, from the same extended sequence
     if not output_final_state:
         return o, None
-    seen = (initial_state.seen if initial_state is not None else 0) + T
+    seen = seen_after(initial_state, q.shape[0], T, q.device)
     return o, state_from_sequence(qa, ka, va, valid, lag_list[-1], segment, seen)

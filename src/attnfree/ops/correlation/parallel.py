@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnfree.ops.correlation.recurrent import softmax_dtype
 from attnfree.ops.correlation.state import (
     CorrelationState,
     check_inputs,
     prepend_history,
+    seen_after,
+    softmax_dtype,
     state_from_sequence,
 )
 
@@ -180,5 +181,5 @@ def correlation_parallel(
     if not output_final_state:
         return o, None
     # 3. the state after the last token
-    seen = (initial_state.seen if initial_state is not None else 0) + T
+    seen = seen_after(initial_state, q.shape[0], T, q.device)
     return o, state_from_sequence(qa, ka, va, valid, lag_list[-1], segment, seen)

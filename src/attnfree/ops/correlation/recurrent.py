@@ -24,21 +24,21 @@ from attnfree.ops.correlation.state import (
     check_segment,
     check_state,
     init_correlation_state,
+    read_slots,
+    slots,
+    softmax_dtype,
+    write_slot_,
 )
 
 
-def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Scores and weights: float64 stays float64, everything else is normalised in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _write(state: CorrelationState, q_t: Tensor, k_t: Tensor, v_t: Tensor, mask_t: Tensor | None) -> None:
-    """1. Put the token at position state.seen into its slot of every ring (in place)."""
-    t = state.seen
-    state.q[:, t % state.q.shape[1]] = q_t
-    state.k[:, t % state.k.shape[1]] = k_t
-    state.v[:, t % state.v.shape[1]] = v_t
-    state.valid[:, t % state.valid.shape[1]] = True if mask_t is None else mask_t
+    """1. Put each row's token at its position ``state.seen`` into its slot of every ring (in place)."""
+    t = state.seen  # [B]
+    write_slot_(state.q, t % state.q.shape[1], q_t)
+    write_slot_(state.k, t % state.k.shape[1], k_t)
+    write_slot_(state.v, t % state.v.shape[1], v_t)
+    real = torch.ones_like(t, dtype=torch.bool) if mask_t is None else mask_t.bool()
+    write_slot_(state.valid, t % state.valid.shape[1], real)
 
 
 def correlation_step(
@@ -52,30 +52,34 @@ def correlation_step(
 ) -> tuple[Tensor, CorrelationState]:
     """One position: q_t, k_t, v_t [B, H, D], mask_t [B] bool or None -> (o_t [B, H, D], state).
 
-    The state is updated in place (and returned): its buffers take the new token, seen grows by one.
+    The state is updated in place (and returned): its buffers take the new token, seen grows by one in every row.
+    Every read is a gather at slots computed from ``seen``, so the step also traces into an exported graph.
     """
     lag_list = check_lags(lags)
     check_segment(segment)
     check_state(state, q_t.shape[0], q_t.shape[1], q_t.shape[2], lag_list[-1], segment)
     _write(state, q_t, k_t, v_t, mask_t)
-    # 2. absolute positions of the terms: queries t-j, keys t-tau-j, values t-tau
-    t, dev = state.seen, q_t.device
+    # 2. positions relative to t of the terms: queries t-j, keys t-tau-j, values t-tau
+    B, L, dev = q_t.shape[0], len(lag_list), q_t.device
     lag = torch.as_tensor(lag_list, device=dev)
-    tq = t - torch.arange(segment, device=dev)  # [J]
-    tk = tq[:, None] - lag[None, :]  # [J, L]
-    tv = t - lag  # [L]
+    dq = -torch.arange(segment, device=dev)  # [J]
+    dk = (dq[:, None] - lag[None, :]).reshape(-1)  # [J*L]
     cq, ck, cv = state.q.shape[1], state.k.shape[1], state.v.shape[1]
+    valid_k = read_slots(state.valid, slots(state.seen, dk, ck)).view(B, segment, L)  # [B, J, L]
+    valid_q = read_slots(state.valid, slots(state.seen, dq, ck))  # [B, J]
     # 3. scores: valid terms only (both positions real), summed over the segment
-    keep = state.valid[:, tq % ck][:, :, None] & state.valid[:, tk % ck]  # [B, J, L]
-    prods = torch.einsum("bjhd,bjlhd->bjlh", state.q[:, tq % cq], state.k[:, tk % ck])
-    R = torch.where(keep[..., None], prods, 0.0).sum(1) / math.sqrt(segment * q_t.shape[-1])  # [B, L, H]
+    keep = valid_q[:, :, None] & valid_k  # [B, J, L]
+    qs = read_slots(state.q, slots(state.seen, dq, cq))  # [B, J, H, D]
+    ks = read_slots(state.k, slots(state.seen, dk, ck)).view(B, segment, L, *state.k.shape[2:])  # [B, J, L, H, D]
+    prods = torch.einsum("bjhd,bjlhd->bjlh", qs, ks)
+    R = torch.where(keep[..., None], prods, torch.zeros_like(prods)).sum(1) / math.sqrt(segment * q_t.shape[-1])
     # 4. softmax over the valid lags (0 when none is valid), then mix the values
-    lag_ok = state.valid[:, tv % ck][..., None]  # [B, L, 1]
+    lag_ok = read_slots(state.valid, slots(state.seen, -lag, ck))[..., None]  # [B, L, 1]
     sdt = softmax_dtype(q_t.dtype)
-    R = R.to(sdt).masked_fill(~lag_ok, torch.finfo(sdt).min)
+    R = R.to(sdt).masked_fill(~lag_ok, torch.finfo(sdt).min)  # [B, L, H]
     a = (torch.softmax(R, dim=1) * lag_ok).to(v_t.dtype)
-    o_t = torch.einsum("blh,blhd->bhd", a, state.v[:, tv % cv])
-    state.seen = t + 1
+    o_t = torch.einsum("blh,blhd->bhd", a, read_slots(state.v, slots(state.seen, -lag, cv)))
+    state.seen.add_(1)
     return o_t, state
 
 

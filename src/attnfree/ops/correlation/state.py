@@ -1,8 +1,12 @@
 """Lag sets, input checks and the decoding state shared by the three correlation forms.
 
-The state is a set of ring buffers indexed by absolute position: position p lives in slot p % capacity.
+The state is a set of ring buffers indexed by absolute position: in row b, position p lives in slot p % capacity.
 Each capacity counts one slot for the token being consumed, so a decode step writes the new token into
 its slot first and then reads everything it needs from the buffers (no torch.cat per token).
+
+Every row keeps its own count ``seen`` (a [B] tensor), so rows of different lengths batch together as they are
+(continuous batching concatenates states along the batch, nothing else), and every slot index is a tensor: the
+same step runs eagerly (writes in place) and inside an exported graph.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ class CorrelationState:
     v:     [B, max(L)+1, H, D]   values at positions seen-max(L)-1 .. seen-1
     valid: [B, max(L)+J] bool    mask of the positions held in ``k`` (a superset of those in q and v);
                                  positions before the start of the sequence are False
-    seen:  number of tokens consumed so far, i.e. the position of the next token
+    seen:  [B] long              positions consumed so far in each row, i.e. the position of its next token
 
     Buffers hold the raw inputs (in the input dtype); ``valid`` says which of them count.
     """
@@ -32,11 +36,16 @@ class CorrelationState:
     k: Tensor
     v: Tensor
     valid: Tensor
-    seen: int
+    seen: Tensor
 
     def clone(self) -> CorrelationState:
         """A copy whose buffers can be updated in place without touching this one."""
-        return CorrelationState(self.q.clone(), self.k.clone(), self.v.clone(), self.valid.clone(), self.seen)
+        return CorrelationState(self.q.clone(), self.k.clone(), self.v.clone(), self.valid.clone(), self.seen.clone())
+
+
+def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores and lag weights: float64 stays float64, everything else is normalised in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def make_lags(dense: int = 32, max_positions: int = 1024) -> Tensor:
@@ -106,7 +115,7 @@ def init_correlation_state(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> CorrelationState:
-    """An empty state (nothing seen yet): zero buffers, every position invalid, seen = 0."""
+    """An empty state (nothing seen yet): zero buffers, every position invalid, seen = 0 in every row."""
     check_segment(segment)
     cq, ck, cv = capacities(check_lags(lags)[-1], segment)
     return CorrelationState(
@@ -114,7 +123,7 @@ def init_correlation_state(
         k=torch.zeros(batch, ck, heads, head_dim, dtype=dtype, device=device),
         v=torch.zeros(batch, cv, heads, head_dim, dtype=dtype, device=device),
         valid=torch.zeros(batch, ck, dtype=torch.bool, device=device),
-        seen=0,
+        seen=torch.zeros(batch, dtype=torch.long, device=device),
     )
 
 
@@ -128,6 +137,7 @@ def check_state(
         "k": (batch, ck, heads, head_dim),
         "v": (batch, cv, heads, head_dim),
         "valid": (batch, ck),
+        "seen": (batch,),
     }
     for name, shape in expected.items():
         got = tuple(getattr(state, name).shape)
@@ -160,24 +170,47 @@ def check_inputs(
     return lag_list
 
 
-def _ring_to_window(ring: Tensor, seen: int, length: int) -> Tensor:
+def slots(seen: Tensor, offsets: Tensor, capacity: int) -> Tensor:
+    """Ring slots of positions ``seen + offsets`` in each row: seen [B], offsets [N] -> [B, N] long."""
+    return (seen.unsqueeze(1) + offsets.unsqueeze(0)) % capacity
+
+
+def read_slots(ring: Tensor, index: Tensor) -> Tensor:
+    """ring [B, C, ...] at the slots index [B, N] of each row -> [B, N, ...].
+
+    Advanced indexing rather than ``gather``: its backward keeps only the ring's shape, so a later in-place write to
+    the ring (the next decoding step) leaves the gradient of this read intact.
+    """
+    rows = torch.arange(ring.shape[0], device=ring.device).unsqueeze(1)  # [B, 1]
+    return ring[rows, index]
+
+
+def write_slot_(ring: Tensor, slot: Tensor, value: Tensor) -> None:
+    """In place: ring [B, C, ...] takes value [B, ...] at slot [B] of each row."""
+    rows = torch.arange(ring.shape[0], device=ring.device)
+    ring[rows, slot] = value.to(ring.dtype)
+
+
+def _ring_to_window(ring: Tensor, seen: Tensor, length: int) -> Tensor:
     """Ring [B, C, ...] holding positions seen-C .. seen-1 -> time order, left-padded with zeros to length."""
-    window = torch.roll(ring, shifts=-(seen % ring.shape[1]), dims=1)
-    pad = length - ring.shape[1]
-    return torch.cat([window.new_zeros(window.shape[0], pad, *window.shape[2:]), window], dim=1)
+    C = ring.shape[1]
+    window = read_slots(ring, slots(seen, torch.arange(C, device=ring.device), C))  # slot (seen - C + j) % C
+    return torch.cat([window.new_zeros(window.shape[0], length - C, *window.shape[2:]), window], dim=1)
 
 
-def _window_to_ring(window: Tensor, seen: int, capacity: int) -> Tensor:
-    """Time-ordered [B, T, ...] ending at position seen-1 -> ring [B, capacity, ...] (zeros before start)."""
-    window = window[:, -capacity:]
-    pad = capacity - window.shape[1]
-    if pad:
-        window = torch.cat([window.new_zeros(window.shape[0], pad, *window.shape[2:]), window], dim=1)
-    return torch.roll(window, shifts=seen % capacity, dims=1)
+def _window_to_ring(window: Tensor, seen: Tensor, capacity: int) -> Tensor:
+    """Time-ordered [B, T, ...] ending at position seen-1 -> ring [B, capacity, ...] (zeros before the start).
+
+    Branch-free in T (the last ``capacity`` entries of the window with ``capacity`` zeros put in front), so one
+    traced graph serves every prompt length. Slot s holds window position (s - seen) mod capacity.
+    """
+    padded = torch.cat([window.new_zeros(window.shape[0], capacity, *window.shape[2:]), window], dim=1)
+    last = padded[:, padded.shape[1] - capacity:]  # positions seen-capacity .. seen-1
+    return read_slots(last, slots(-seen, torch.arange(capacity, device=window.device), capacity))
 
 
 def state_history(state: CorrelationState) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The state as a time-ordered prefix of max(L)+J positions (seen-max(L)-J .. seen-1).
+    """The state as a time-ordered prefix of max(L)+J positions (seen-max(L)-J .. seen-1 in each row).
 
     Returns q, k, v [B, max(L)+J, H, D] (q and v zero where the state no longer holds them: no output
     that follows the prefix reads them) and valid [B, max(L)+J] bool.
@@ -192,9 +225,9 @@ def state_history(state: CorrelationState) -> tuple[Tensor, Tensor, Tensor, Tens
 
 
 def state_from_sequence(
-    q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, max_lag: int, segment: int, seen: int
+    q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, max_lag: int, segment: int, seen: Tensor
 ) -> CorrelationState:
-    """The state after consuming a whole sequence q, k, v [B, T, H, D] (valid [B, T]) ending at seen-1."""
+    """The state after consuming a whole sequence q, k, v [B, T, H, D] (valid [B, T]) ending at seen-1 ([B])."""
     cq, ck, cv = capacities(max_lag, segment)
     if valid is None:
         valid = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
@@ -207,6 +240,10 @@ def state_from_sequence(
     )
 
 
+def seen_after(initial_state: CorrelationState | None, batch: int, T: int, device: torch.device) -> Tensor:
+    """[B] positions consumed after T more: the initial state's count (0 without one) plus T."""
+    start = initial_state.seen if initial_state is not None else torch.zeros(batch, dtype=torch.long, device=device)
+    return start + T
 def prepend_history(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: CorrelationState | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, int]:

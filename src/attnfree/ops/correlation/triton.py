@@ -45,6 +45,7 @@ from attnfree.ops.correlation.state import (
     CorrelationState,
     check_inputs,
     prepend_history,
+    seen_after,
     state_from_sequence,
 )
 
@@ -250,5 +251,5 @@ def correlation_triton(
     if not output_final_state:
         return o, None
     # 3. the state after the last token (a slice of the inputs, as in the PyTorch form)
-    seen = (initial_state.seen if initial_state is not None else 0) + T
+    seen = seen_after(initial_state, q.shape[0], T, q.device)
     return o, state_from_sequence(qa, ka, va, valid, lag_list[-1], segment, seen)
