@@ -3,19 +3,19 @@
 Importing the package registers every model family (``attnfree.models.registry``) and, through it, with
 AutoConfig / AutoModel / AutoModelForCausalLM.
 On a machine without torch (an edge device with only numpy + onnxruntime) the package still imports, with
-none of the models, so that ``attnfree.runtime`` runs exported graphs there (see ``attnfree export``).
+none of the models, so that ``attnfree.inference.runtime`` runs exported graphs there (see ``attnfree export``).
 """
 
 try:
-    import torch  # noqa: F401  (everything but attnfree.runtime needs it)
+    import torch  # noqa: F401  (everything but attnfree.inference.runtime needs it)
 
     HAS_TORCH = True
 except ImportError:
     HAS_TORCH = False
 
 if HAS_TORCH:
-    from attnfree.cache import RecurrentCache
     from attnfree.models import registry  # noqa: F401  (registers every family, and the Auto classes)
+    from attnfree.models.cache import RecurrentCache
     from attnfree.models.fastformer import (
         FastformerConfig,
         FastformerForCausalLM,

@@ -121,3 +121,20 @@ def test_bad_arguments(kw, match):
                 noise=1.0, dropout=0.0, eps=1e-5)
     with pytest.raises(ValueError, match=match):
         SparseMoE(**{**args, **kw})
+
+
+def test_the_dense_path_equals_the_sparse_one_at_evaluation() -> None:
+    """The export path (every expert everywhere, gates zero outside the top k) == the sparse dispatch, padded."""
+    torch.manual_seed(0)
+    moe = SparseMoE(12, 2, "gelu", 5, 2, 1.0, 1.0, 0.0, 1e-5).double().eval()
+    x = torch.randn(3, 9, 12, dtype=torch.float64)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, :4] = False
+    sparse, s_stats = moe.sparse_forward(x, mask)
+    moe.path = "dense"
+    dense, d_stats = moe(x, mask)
+    assert_close("dense MoE", dense, sparse)
+    assert torch.equal(d_stats.tokens_per_expert, s_stats.tokens_per_expert)
+    assert_close("aux loss", d_stats.aux_loss, s_stats.aux_loss)
+    with pytest.raises(ValueError, match="evaluation only"):
+        moe.train()(x, mask)

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig
 
 import attnfree  # noqa: F401  (registers the Auto classes)
-from attnfree.cache import RecurrentCache
+from attnfree.models.cache import RecurrentCache
 from attnfree.models.compat import enable_activation_checkpointing, output_cache
 from attnfree.models.leviathan import (
     PRESETS,
@@ -185,12 +185,13 @@ def test_generate_uses_constant_size_state_and_beam_search_reorders_it():
 
 def test_cache_maps_over_dataclass_states():
     state = CorrelationState(torch.arange(3.0)[:, None], torch.zeros(3, 2), torch.zeros(3, 1),
-                             torch.ones(3, 2, dtype=torch.bool), seen=5)
+                             torch.ones(3, 2, dtype=torch.bool), seen=torch.tensor([5, 6, 7]))
     cache = RecurrentCache(1, 3)
     cache.layers[0]["correlation"] = state
     cache.reorder_cache(torch.tensor([2, 0, 0]))
     moved = cache.layers[0]["correlation"]
-    assert isinstance(moved, CorrelationState) and moved.seen == 5 and moved.q[:, 0].tolist() == [2.0, 0.0, 0.0]
+    assert isinstance(moved, CorrelationState) and moved.seen.tolist() == [7, 5, 5]
+    assert moved.q[:, 0].tolist() == [2.0, 0.0, 0.0]
     cache.batch_repeat_interleave(2)
     assert cache.layers[0]["correlation"].k.shape == (6, 2)
 
@@ -230,7 +231,7 @@ def test_moe_aux_loss_reaches_the_gate_and_the_training_loss():
     ids = torch.randint(3, 40, (2, 16))
     out = model(ids, labels=ids)
     out.aux_loss.backward(retain_graph=True)
-    gate = model.model.layers[0].moe.router.gate.weight
+    gate = model.model.layers[0].ffn.router.gate.weight
     assert gate.grad is not None and gate.grad.abs().sum() > 0
     model.eval()
     plain = model(ids, labels=ids)  # evaluation: no aux term
@@ -406,7 +407,7 @@ def signature(kind, **kw):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_every_config_field_is_declared_here(kind):
     fields = {f.name for f in dataclasses.fields(KINDS[kind][1])} - {
-        f.name for f in dataclasses.fields(LeviathanConfig.__mro__[1])}
+        f.name for f in dataclasses.fields(PreTrainedConfig)}  # ours: the family's and the shared recurrent ones
     assert fields == set(NON_DEFAULT[kind]), fields ^ set(NON_DEFAULT[kind])
 
 

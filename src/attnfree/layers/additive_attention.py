@@ -25,10 +25,27 @@ import torch
 from torch import Tensor, nn
 
 from attnfree.layers.validation import check_mode
-from attnfree.ops.additive import AdditiveState, additive_pool, additive_pool_step, additive_pool_step_
+from attnfree.ops.additive import (
+    AdditiveState,
+    additive_pool,
+    additive_pool_step,
+    additive_pool_step_,
+    init_additive_state,
+)
 
 DECAY_MODES = ("none", "fixed", "learned")
 RESIDUAL_MODES = ("raw", "normed")
+# How a pooling runs: "parallel" (training, prefill, a chunk continuing from a state), "step" (one token through the
+# recurrent form, with autograd and a padding mask), "step_inplace" (one real token, no autograd: the state is
+# updated in place, the decoding hot path). "auto" picks by ``pool_path``; a test or a user may force one.
+POOL_PATHS = ("auto", "parallel", "step", "step_inplace")
+
+
+def pool_path(has_state: bool, T: int, masked: bool, grad: bool) -> str:
+    """The path "auto" takes: a step for one token with a state, in place when nothing needs the old state."""
+    if not has_state or T != 1:
+        return "parallel"
+    return "step" if masked or grad else "step_inplace"
 
 
 def alibi_log_slopes(n_heads: int) -> Tensor:
@@ -44,6 +61,7 @@ class FastformerAttention(nn.Module):
         check_mode("FastformerAttention.decay", decay, DECAY_MODES)
         self.n_heads, self.head_dim = n_heads, hidden_size // n_heads
         self.residual, self.chunk, self.decay = residual, chunk, decay
+        self.path = "auto"  # one of POOL_PATHS (see pool_path); set it to force a path
         if decay == "learned":  # log-slopes per head for the query and key poolings
             self.log_slopes = nn.Parameter(alibi_log_slopes(n_heads).repeat(2, 1))  # [2, H]
         elif decay == "fixed":
@@ -72,17 +90,29 @@ class FastformerAttention(nn.Module):
         xh = x.view(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
         scores = self.scores(xh, (self.query_score, self.key_score)[which], which, positions)  # [B, T, H]
         state = cache.get(key) if cache is not None else None
+        path = self.path if self.path != "auto" else pool_path(state is not None, T, mask is not None,
+                                                                torch.is_grad_enabled())
         new_state: AdditiveState | None
-        if state is not None and T == 1 and mask is None and not torch.is_grad_enabled():
-            g, new_state = additive_pool_step_(xh[:, 0], scores[:, 0], state).unsqueeze(1), state  # in place
-        elif state is not None and T == 1:  # decoding: O(1) recurrent step
-            g, new_state = additive_pool_step(xh[:, 0], scores[:, 0], None if mask is None else mask[:, 0], state)
-            g = g.unsqueeze(1)
-        else:  # training / prefill (continuing from a state if there is one)
-            g, new_state = additive_pool(xh, scores, mask, state, cache is not None, self.chunk)  # Triton on GPU
+        if path == "parallel":  # training / prefill (continuing from a state if there is one); Triton on GPU
+            g, new_state = additive_pool(xh, scores, mask, state, cache is not None, self.chunk)
+        else:
+            if state is None or T != 1 or (path == "step_inplace" and mask is not None):
+                raise ValueError(f"pool path {path!r} needs one real token and a state, got T={T}, "
+                                 f"state={state is not None}, mask={mask is not None}")
+            if path == "step_inplace":  # decoding: O(1), the state's own tensors updated
+                g, new_state = additive_pool_step_(xh[:, 0], scores[:, 0], state).unsqueeze(1), state
+            else:  # decoding: O(1) recurrent step, a new state
+                g, new_state = additive_pool_step(xh[:, 0], scores[:, 0], None if mask is None else mask[:, 0],
+                                                  state)
+                g = g.unsqueeze(1)
         if cache is not None:
             cache[key] = new_state
         return g.reshape(B, T, C)
+
+    def init_state(self, batch: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+                   ) -> dict[str, AdditiveState]:
+        """The two poolings' empty states: nothing pooled yet."""
+        return {key: init_additive_state(batch, self.n_heads, self.head_dim, dtype, device) for key in ("query", "key")}
 
     def forward(self, h: Tensor, positions: Tensor, mask: Tensor | None,
                 cache: dict[str, Any] | None = None) -> Tensor:

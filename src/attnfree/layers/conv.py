@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnfree.ops.conv import causal_conv1d, causal_conv1d_step
+from attnfree.ops.conv import causal_conv1d, causal_conv1d_step, init_conv_state
 
 
 class CausalConvolution(nn.Module):
@@ -28,11 +28,16 @@ class CausalConvolution(nn.Module):
         n = self.norm(x)
         state = cache_layer.get("conv") if cache_layer is not None else None
         if state is not None and x.shape[1] == 1:
-            y, new_state = causal_conv1d_step(n[:, 0], self.weight, self.groups, state,
-                                              None if mask is None else mask[:, 0])
+            y, new_state = causal_conv1d_step(n[:, 0], self.weight, self.groups, None if mask is None else mask[:, 0],
+                                              state)
             y = y.unsqueeze(1)
         else:
             y, new_state = causal_conv1d(n, self.weight, self.groups, mask, state)
         if cache_layer is not None:
             cache_layer["conv"] = new_state
         return self.dropout(y)
+
+    def init_state(self, batch: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+                   ) -> dict[str, Tensor]:
+        """Zeros: what the left zero padding means for a sequence not started yet."""
+        return {"conv": init_conv_state(batch, self.weight.shape[0], self.kernel_size, dtype, device)}

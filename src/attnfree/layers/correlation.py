@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnfree.ops.correlation import correlation, correlation_step
+from attnfree.layers.validation import check_heads
+from attnfree.ops.correlation import CorrelationState, correlation, correlation_step, init_correlation_state
 
 STATE_KEY = "correlation"  # where a layer's CorrelationState lives in its cache dict
 
@@ -38,13 +39,11 @@ class MultiHeadedCorrelation(nn.Module):
     def __init__(self, hidden_size: int, n_heads: int, lags: Sequence[int] | Tensor, segment: int, dropout: float,
                  eps: float):
         super().__init__()
-        if hidden_size % n_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by n_heads {n_heads}")
+        check_heads(hidden_size, n_heads)
         self.n_heads, self.segment = n_heads, segment
-        # a plain CPU tensor, not a buffer: the ops read it as a list (decoding moves it to the device), and it
-        # must hold values even when the module is built on the meta device
-        self.lags = torch.as_tensor(lags, dtype=torch.long, device="cpu").clone()
-        self.lag_values = tuple(int(x) for x in self.lags.tolist())  # read by torch.compile without a graph break
+        # plain ints, not a buffer: every form of the op takes them, torch.compile reads them without a graph break,
+        # and they hold values even when the module is built on the meta device
+        self.lags = tuple(int(x) for x in (lags.tolist() if isinstance(lags, Tensor) else lags))
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
         self.out = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -60,11 +59,18 @@ class MultiHeadedCorrelation(nn.Module):
             o_t, state = correlation_step(q[:, 0], k[:, 0], v[:, 0], self.lags, self.segment, mask_t, state)
             o = o_t.unsqueeze(1)  # [B, 1, H, D]
         else:  # training / prefill (continuing from a state if there is one)
-            o, state = correlation(q, k, v, self.lag_values, self.segment, mask, initial_state=state,
+            o, state = correlation(q, k, v, self.lags, self.segment, mask, initial_state=state,
                                    output_final_state=cache is not None)
         if cache is not None:
             cache[STATE_KEY] = state
         return self.dropout(self.out(o.reshape(B, T, C)))
+
+    def init_state(self, batch: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+                   ) -> dict[str, CorrelationState]:
+        """Nothing seen: empty ring buffers, every position invalid."""
+        C = self.qkv.in_features
+        return {STATE_KEY: init_correlation_state(batch, self.n_heads, C // self.n_heads, self.lags, self.segment,
+                                                  dtype, device)}
 
 
 class MemberInteraction(nn.Module):
@@ -77,8 +83,7 @@ class MemberInteraction(nn.Module):
 
     def __init__(self, hidden_size: int, n_heads: int, dropout: float, eps: float):
         super().__init__()
-        if hidden_size % n_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by n_heads {n_heads}")
+        check_heads(hidden_size, n_heads)
         self.n_heads = n_heads
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)

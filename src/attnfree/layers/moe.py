@@ -84,6 +84,7 @@ class SparseMoE(nn.Module):
         self.router = NoisyTopKRouter(hidden_size, n_experts, noise)
         self.experts = nn.ModuleList([Expert(hidden_size, multiplier, activation) for _ in range(n_experts)])
         self.dropout = nn.Dropout(dropout)
+        self.path = "auto"  # "sparse" | "dense" | "auto": dense at evaluation while traced (export), else sparse
 
     @property
     def n_experts(self) -> int:
@@ -96,6 +97,35 @@ class SparseMoE(nn.Module):
         return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RoutingStats]:
+        path = self.path if self.path != "auto" else (
+            "dense" if torch.compiler.is_compiling() and not self.training else "sparse")
+        if path == "dense":
+            if self.training:
+                raise ValueError("the dense mixture-of-experts path has no capacity limit: evaluation only")
+            return self.dense_forward(x, mask)
+        return self.sparse_forward(x, mask)
+
+    def dense_forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RoutingStats]:
+        """Evaluation without data-dependent shapes (what an exported graph needs): every expert on every position,
+        combined by the gate weights, which are zero outside each token's top k. The same values as the sparse
+        dispatch at evaluation (no capacity limit there); E times the expert work."""
+        E, k = self.n_experts, self.top_k
+        n = self.norm(x)  # [B, T, C]
+        logits = self.router(n)  # [B, T, E]
+        top_logits, top_experts = logits.topk(k, dim=-1)  # [B, T, k]
+        gates = torch.zeros_like(logits).scatter(-1, top_experts, torch.softmax(top_logits, dim=-1))  # [B, T, E]
+        real = torch.ones_like(logits[..., :1]) if mask is None else mask[..., None].to(logits.dtype)  # [B, T, 1]
+        y = sum(gates[..., e:e + 1] * expert(n) for e, expert in enumerate(self.experts)) * real  # [B, T, C]
+        chosen = F.one_hot(top_experts, E).sum(-2) * real.long()  # [B, T, E]
+        N = real.sum().clamp_min(1)
+        f = chosen.sum((0, 1)).to(logits.dtype) / (N * k)
+        P = (torch.softmax(logits, dim=-1) * real).sum((0, 1)) / N
+        stats = RoutingStats(aux_loss=E * (f * P).sum(), tokens_per_expert=chosen.sum((0, 1)),
+                             dropped=torch.zeros((), dtype=torch.long, device=x.device))
+        return self.dropout(y), stats  # type: ignore[arg-type]
+
+    def sparse_forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RoutingStats]:
+        """Each expert on its routed tokens only (the training path: capacity limits, dropped assignments)."""
         B, T, C = x.shape
         E, k = self.n_experts, self.top_k
         # 1. the routed tokens (not padding), in time-major order: [N, C]

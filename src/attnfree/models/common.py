@@ -1,4 +1,4 @@
-"""Pieces shared by every model family: input checks, position ids, the causal-LM loss, generation hooks."""
+"""Functions the shell (``models.base``) is made of: input checks, position ids, the loss, the cache arguments."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnfree.cache import RecurrentCache
+from attnfree.models.cache import RecurrentCache
 
 
 def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:
@@ -135,42 +135,3 @@ def resolve_cache(cache: Any, past_key_values: Any) -> RecurrentCache | None:
         raise TypeError(f"the cache must be the RecurrentCache a previous call returned (use_cache=True), "
                         f"got {type(given).__name__}")
     return given
-
-
-class RecurrentGenerationMixin:
-    """Generation hooks for models whose cache is a ``RecurrentCache`` (not a growing KV cache)."""
-
-    config: Any
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # we build our own RecurrentCache at prefill
-
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: Tensor,
-        cache: RecurrentCache | None = None,
-        attention_mask: Tensor | None = None,
-        inputs_embeds: Tensor | None = None,
-        use_cache: bool | None = None,
-        past_key_values: RecurrentCache | None = None,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        """Prefill with the whole prompt, then feed only the newest token: its state carries the rest.
-
-        ``generate`` passes the cache as ``cache`` (transformers >= 5.24) or ``past_key_values`` (before); the
-        model's forward takes it under ``cache``.
-        """
-        cache = resolve_cache(cache, past_key_values)
-        if cache is not None and cache.steps:
-            return {"input_ids": input_ids[:, -1:], "cache": cache, "use_cache": True}
-        # (a step returns one position's logits anyway)
-        inputs: dict[str, Any] = {"attention_mask": attention_mask, "cache": cache,
-                                  "use_cache": use_cache if use_cache is not None else True}
-        if kwargs.get("logits_to_keep"):  # prefill: generate only needs the last position's logits
-            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
-        if inputs_embeds is not None and input_ids.shape[1] == 0:
-            inputs["inputs_embeds"] = inputs_embeds
-        else:
-            inputs["input_ids"] = input_ids
-        return inputs

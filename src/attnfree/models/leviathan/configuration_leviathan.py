@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
 
-from attnfree.models.validation import (
-    check_choice,
-    check_divisible,
-    check_positive,
-    check_positive_float,
-    check_probability,
-    check_token_ids,
-)
+from attnfree.models.base import RecurrentConfig
+from attnfree.models.validation import check_choice, check_divisible, check_positive, check_positive_float
 from attnfree.ops.correlation import make_lags
 
-POSITION_EMBEDDING_TYPES = ("learned", "none")
 # block flavour -> (activation of the feed-forward block, its width as a multiple of hidden_size)
 BLOCK_FLAVOURS: dict[str, tuple[str, int]] = {
     "gelu4": ("gelu", 4),
@@ -27,64 +20,37 @@ BLOCK_FLAVOURS: dict[str, tuple[str, int]] = {
 }
 
 
+@functools.lru_cache(maxsize=64)
+def lag_set(dense_lags: int, n_positions: int) -> tuple[int, ...]:
+    """``make_lags`` as a tuple, made once per (dense_lags, n_positions) on the CPU (also while a model is being
+    built on the meta device by ``from_pretrained``)."""
+    with torch.device("cpu"):
+        return tuple(make_lags(dense_lags, n_positions).tolist())
+
+
 @strict
-class LeviathanConfig(PreTrainedConfig):
+class LeviathanConfig(RecurrentConfig):
     r"""Leviathan: a causal language model whose token mixer is multi-headed cross-correlation over a lag set.
 
     Block (pre-LN):  h += Correlation(LN(h));  h += FFN(LN(h)).  Lags = ``make_lags(dense_lags, n_positions)``:
     0..dense_lags-1 plus dense_lags * 2**m below n_positions (37 lags at the defaults).
 
-    Args:
-        vocab_size: V; 32,100 is the T5 tokenizer.
-        hidden_size: model width C (= n_heads * head size D).
-        n_heads: H correlation heads.
-        num_hidden_layers: number of blocks.
-        n_positions: longest sequence with learned positions; also bounds the largest lag.
-        position_embedding_type: "learned" or "none" (no length limit when decoding).
-        dense_lags: the dense lag run 0..dense_lags-1 (before the dilated lags).
+    Args (besides ``RecurrentConfig``'s: sizes, positions, dropout, initialisation, special ids):
+        dense_lags: the dense lag run 0..dense_lags-1 (before the dilated lags); n_positions bounds the largest lag.
         segment: J, consecutive query/key positions summed into one correlation score.
         block_flavour: feed-forward block: "gelu4" (4x GELU), "relu3" (3x ReLU) or "leaky6" (6x LeakyReLU).
-        hidden_dropout_prob: dropout on embeddings and on every residual branch.
-        initializer_range: std of the normal init of linear and embedding weights.
-        layer_norm_eps: epsilon of every LayerNorm.
-        label_smoothing: applied to the training loss only; evaluation loss is plain cross-entropy.
     """
 
     model_type = "leviathan"
 
-    vocab_size: int = 32100
-    hidden_size: int = 256
-    n_heads: int = 4
-    num_hidden_layers: int = 4
-    n_positions: int = 1024
-    position_embedding_type: str = "learned"
     dense_lags: int = 32
     segment: int = 4
     block_flavour: str = "gelu4"
-    hidden_dropout_prob: float = 0.1
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-5
-    label_smoothing: float = 0.0
-    pad_token_id: int | None = 0
-    bos_token_id: int | None = 1
-    eos_token_id: int | None = 1
-    use_cache: bool = True
-    tie_word_embeddings: bool = True
-
-    def __post_init__(self, **kwargs):
-        self.validate_fields()
-        super().__post_init__(**kwargs)
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
-
-    @property
-    def lags(self) -> list[int]:
-        """The lag set every correlation layer uses (L entries), made on the CPU even while a model is being
-        built on the meta device (``from_pretrained``)."""
-        with torch.device("cpu"):
-            return make_lags(self.dense_lags, self.n_positions).tolist()
+    def lags(self) -> tuple[int, ...]:
+        """The lag set every correlation layer uses (L entries)."""
+        return lag_set(self.dense_lags, self.n_positions)
 
     @property
     def ffn_activation(self) -> str:
@@ -96,14 +62,9 @@ class LeviathanConfig(PreTrainedConfig):
 
     def validate_fields(self) -> None:
         """Raise ValueError naming the first invalid field."""
-        check_positive(self, "vocab_size", "hidden_size", "n_heads", "num_hidden_layers", "n_positions",
-                       "dense_lags", "segment")
-        check_divisible(self, "hidden_size", "n_heads")
-        check_choice(self, "position_embedding_type", POSITION_EMBEDDING_TYPES)
+        super().validate_fields()
+        check_positive(self, "dense_lags", "segment")
         check_choice(self, "block_flavour", BLOCK_FLAVOURS)
-        check_probability(self, "hidden_dropout_prob", "label_smoothing")
-        check_positive_float(self, "initializer_range", "layer_norm_eps")
-        check_token_ids(self, "pad_token_id", "bos_token_id", "eos_token_id")
 
 
 @strict

@@ -1,0 +1,205 @@
+"""The family contract, once for every registered recurrent family and for a toy family written here.
+
+The toy family is the proof that the contract holds: a causal running mean with its own state, in well under 100
+lines, one registration line, and nothing in ``models/cache.py``, ``inference/export.py`` or ``inference/serve``
+knows it; yet it decodes, batches, beam-searches, saves and loads, exports to ONNX and serves like the others.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM
+
+from attnfree.data import ByteTokenizer
+from attnfree.inference.decoding import chunked_prefill, stream_generate
+from attnfree.inference.sampling import Sampling
+from attnfree.models.base import (
+    BlockContext,
+    LayerState,
+    RecurrentBlock,
+    RecurrentConfig,
+    RecurrentForCausalLM,
+    RecurrentModel,
+)
+from attnfree.models.compat import output_cache
+from attnfree.models.registry import MODELS, ModelSize, build_model, register_model
+from attnfree.testing import assert_close, perturb
+
+# ----------------------------------------------------------------------------------------------
+# The toy family: one folder's worth of code
+# ----------------------------------------------------------------------------------------------
+
+
+@strict
+class ToyConfig(RecurrentConfig):
+    """A causal running-mean mixer: nothing but the shared fields."""
+
+    model_type = "attnfree_toy"
+
+
+class RunningMean(RecurrentBlock):
+    """h += W_o mean_{j <= i, j real} W_v LN(h_j); h += FFN(LN(h)). State: the running sum [B, C] and count [B]."""
+
+    def __init__(self, config: ToyConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.norm, self.value, self.out = nn.LayerNorm(C), nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
+        self.ffn = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, 2 * C), nn.GELU(), nn.Linear(2 * C, C))
+
+    def forward(self, h: Tensor, ctx: BlockContext, state: LayerState | None) -> tuple[Tensor, LayerState | None]:
+        x = self.value(self.norm(h))  # [B, T, C]
+        real = torch.ones_like(x[..., :1]) if ctx.mask is None else ctx.mask[..., None].to(x.dtype)  # [B, T, 1]
+        start = state if state else self.init_state(h.shape[0], h.device, h.dtype)
+        sums = start["sum"][:, None] + torch.cumsum(x * real, 1)  # [B, T, C]
+        counts = start["count"][:, None, None] + torch.cumsum(real, 1)  # [B, T, 1]
+        if state is not None:
+            state["sum"], state["count"] = sums[:, -1], counts[:, -1, 0]
+        h = h + self.out(sums / counts.clamp_min(1))
+        return h + self.ffn(h), state
+
+    def init_state(self, batch: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+                   ) -> LayerState:
+        C = self.value.in_features
+        return {"sum": torch.zeros(batch, C, device=device, dtype=dtype),
+                "count": torch.zeros(batch, device=device, dtype=dtype)}
+
+
+class ToyModel(RecurrentModel):
+    config_class = ToyConfig
+    block_class = RunningMean
+
+
+class ToyForCausalLM(RecurrentForCausalLM):
+    config_class = ToyConfig
+    backbone_class = ToyModel
+
+
+register_model("toy", ToyConfig, ToyForCausalLM)
+
+# ----------------------------------------------------------------------------------------------
+# The contract, over every family
+# ----------------------------------------------------------------------------------------------
+
+TOK = ByteTokenizer()
+SIZE = ModelSize(hidden_size=24, n_heads=3, num_layers=2, n_positions=64)
+OVERRIDES = {"leviathan": {"dense_lags": 4, "segment": 3}, "leviathan-moe": {"dense_lags": 4, "n_experts": 3},
+             "leviathan-ensemble": {"dense_lags": 4, "n_modules": 1, "members_per_module": 2,
+                                    "interaction_heads": 3}}
+FAMILIES = sorted(name for name in MODELS if name != "gpt2")  # every recurrent family, the toy included
+
+
+@pytest.fixture(params=FAMILIES)
+def name(request) -> str:
+    return request.param
+
+
+def tiny(name: str, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return perturb(build_model(name, SIZE, TOK, OVERRIDES.get(name)), std=0.2).to(dtype).eval()
+
+
+def padded_batch(T: int = 13) -> tuple[Tensor, Tensor]:
+    """[3, T] byte ids: row 1 left-padded by 4, row 2 holds three real tokens."""
+    ids = torch.randint(0, 256, (3, T), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, T, dtype=torch.long)
+    mask[1, :4], mask[2, : T - 3] = 0, 0
+    return ids.masked_fill(mask == 0, TOK.pad_token_id), mask
+
+
+def test_the_toy_family_is_one_registration_away() -> None:
+    assert MODELS["toy"].config_class is ToyConfig and isinstance(build_model("toy", SIZE, TOK), ToyForCausalLM)
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_full_forward_equals_chunked_prefill_then_token_by_token_decoding(name: str, chunk: int) -> None:
+    model = tiny(name)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits  # [B, T, V]
+        out = chunked_prefill(model, ids[:, :7], mask[:, :7], chunk_size=chunk)
+        logits, cache = [out.logits[:, -1]], output_cache(out)
+        for t in range(7, ids.shape[1]):
+            step = model(ids[:, t:t + 1], attention_mask=mask[:, t:t + 1], cache=cache, use_cache=True)
+            logits.append(step.logits[:, -1])
+    real = mask[:, 6:].bool()
+    assert_close(f"{name} decode", torch.stack(logits, 1)[real], full[:, 6:][real])
+
+
+def test_a_padded_batch_equals_each_row_alone(name: str) -> None:
+    model = tiny(name)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        for b in range(3):
+            real = mask[b].bool()
+            assert_close(f"{name} row {b}", full[b, real], model(ids[b:b + 1, real]).logits[0])
+
+
+def test_save_load_through_the_auto_classes(name: str, tmp_path) -> None:
+    model = tiny(name, torch.float32)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids, mask = padded_batch()
+    assert type(loaded) is type(model)
+    with torch.no_grad():  # (the same weights; a loaded tensor's layout may pick another float32 kernel)
+        assert_close(f"{name} loaded", loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+
+
+def test_generate_feeds_the_prompt_once_then_one_token_per_step(name: str) -> None:
+    model = tiny(name)
+    calls: list[int] = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
+    model.generate(torch.randint(0, 256, (2, 7)), max_new_tokens=5, do_sample=False, pad_token_id=TOK.pad_token_id,
+                   eos_token_id=None)
+    assert calls == [7, 1, 1, 1, 1] or calls == [7, 1, 1, 1, 1] * (len(calls) // 5)  # (ensemble: once per member)
+
+
+def test_beam_search_reorders_the_state(name: str) -> None:
+    model = tiny(name)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(1))
+    kw = dict(num_beams=3, max_new_tokens=5, do_sample=False, pad_token_id=TOK.pad_token_id, eos_token_id=None)
+    beams = model.generate(ids, **kw)
+    for i in range(2):
+        assert torch.equal(beams[i], model.generate(ids[i:i + 1], **kw)[0])
+
+
+def test_the_onnx_step_and_prefill_match_pytorch(name: str, tmp_path) -> None:
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from attnfree.inference.export import export_onnx
+
+    model = tiny(name, torch.float32)
+    export_onnx(model, TOK, tmp_path)
+    prefill, step = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"])
+                     for f in ("prefill.onnx", "step.onnx"))
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        cache = output_cache(out)
+        last, all_logits, *state = prefill.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        assert abs(all_logits - out.logits.numpy())[mask.bool().numpy()].max() < 1e-4
+        token = out.logits[:, -1].argmax(-1)
+        names = [i.name for i in step.get_inputs()][1:]
+        for t in range(5):
+            ref = model(token[:, None], cache=cache, use_cache=True).logits[:, -1]
+            got, *state = step.run(None, {"input_ids": token[:, None].numpy(), **dict(zip(names, state))})
+            assert abs(got - ref.numpy()).max() < 1e-4, f"{name} step {t}"
+            token = ref.argmax(-1)
+
+
+def test_one_served_completion(name: str) -> None:
+    pytest.importorskip("fastapi")
+    from attnfree.inference.serve.app import create_app, serve_in_thread
+
+    model = tiny(name, torch.float32)
+    prompt = "ROMEO:"
+    expected = torch.stack(list(stream_generate(model, torch.tensor([TOK.encode(prompt)]), 6,
+                                                Sampling(greedy=True))), 1)[0].tolist()
+    with serve_in_thread(create_app(model, TOK, name)) as base:
+        body = {"prompt": prompt, "max_tokens": 6, "greedy": True, "ignore_eos": True, "stream": False}
+        answer = httpx.post(f"{base}/generate", json=body, timeout=60).json()
+    assert answer["tokens"] == expected
