@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
+from attnfree.checkpoints import load_checkpoint
 from attnfree.cli import main
-from attnfree.training import generate_text, load_checkpoint
+from attnfree.inference.decoding import generate_text
 
 TINY = ["--hidden-size", "32", "--n-heads", "2", "--num-layers", "2", "--block-size", "32", "--batch-size", "4",
         "--log-every", "2", "--no-progress"]

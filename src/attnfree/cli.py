@@ -141,7 +141,7 @@ def _end_distributed() -> bool:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from attnfree.training import evaluate_checkpoint
+    from attnfree.evaluation.bpc import evaluate_checkpoint
 
     result = evaluate_checkpoint(ns.checkpoint, ns.data, data_dir=ns.data_dir, block_size=ns.block_size,
                                  stride=ns.stride, batch_size=ns.batch_size, bos=ns.bos)
@@ -157,7 +157,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from attnfree.training import TokenStreamer, generate_text, load_checkpoint
+    from attnfree.checkpoints import load_checkpoint
+    from attnfree.inference.decoding import TokenStreamer, generate_text
 
     model, tokenizer = load_checkpoint(ns.checkpoint)
     streamer = TokenStreamer(tokenizer) if ns.stream else None
@@ -268,7 +269,7 @@ def _serve_parser(sub: Any) -> None:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    from attnfree.serve.app import serve_checkpoint
+    from attnfree.inference.serve.app import serve_checkpoint
 
     serve_checkpoint(ns.checkpoint, host=ns.host, port=ns.port, max_streams=ns.max_streams, max_queue=ns.max_queue,
                      max_tokens=ns.max_tokens, threads=ns.threads, name=ns.name, log_level=ns.log_level)
@@ -276,7 +277,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    from attnfree.export import export_checkpoint
+    from attnfree.inference.export import export_checkpoint
 
     result = export_checkpoint(ns.checkpoint, ns.output, format=ns.format, quantize=ns.quantize, opset=ns.opset)
     for name, record in result.manifest["files"].items():

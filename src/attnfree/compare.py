@@ -24,10 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attnfree.checkpoints import load_checkpoint
 from attnfree.data import load_corpus, load_tokenizer
+from attnfree.inference.decoding import generate_text
 from attnfree.models.registry import build_model
 from attnfree.provenance import provenance
-from attnfree.training import RECIPES, RunResult, TrainSettings, generate_text, load_checkpoint, recipe
+from attnfree.training import RECIPES, RunResult, TrainSettings, recipe
 
 __all__ = ["RECIPES", "ComparisonResult", "compare", "plot_histories", "recipe", "results_table"]
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from attnfree.data import load_corpus
+from attnfree.evaluation.bpc import evaluate_checkpoint
 from attnfree.evaluation.harness import write_text_task
-from attnfree.training import TrainSettings, evaluate_checkpoint, train
+from attnfree.training import TrainSettings, train
 
 pytest.importorskip("lm_eval")
 

@@ -21,16 +21,13 @@ from attnfree.data import ByteTokenizer
 from attnfree.inference.decoding import stream_generate
 from attnfree.inference.sampling import Sampling
 from attnfree.inference.serve.engine import Engine, GenerationRequest, IncrementalDecoder, StopText
-from attnfree.models.cache import RecurrentCache
 from attnfree.models.registry import ModelSize, build_model
-from attnfree.testing import assert_close
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from attnfree.inference.serve.app import create_app, serve_in_thread  # noqa: E402
-from attnfree.models.compat import output_cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TOK = ByteTokenizer()
@@ -96,39 +93,6 @@ def test_stop_text(deltas: list[str], stops: list[str], expected: str, stopped: 
         if hit:
             break
     assert (out + ("" if hit else stop.flush()), hit) == (expected, stopped)
-
-
-# ----------------------------------------------------------------------------------------------
-# RecurrentCache.select / concat: joining streams prefilled apart
-# ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["fastformer-conv", "leviathan"])
-def test_cache_concat_and_select_match_separate_decoding(name: str) -> None:
-    model = tiny(name, n_positions=64)
-    prompts = [torch.randint(0, 256, (1, n)) for n in (3, 11, 6)]  # different lengths: different `seen`
-    with torch.inference_mode():
-        caches = [output_cache(model(input_ids=p, use_cache=True, logits_to_keep=1)) for p in prompts]
-        alone = [model(input_ids=torch.tensor([[7]]), cache=c.select([0]), use_cache=True).logits
-                 for c in caches]
-        batch = RecurrentCache.concat(caches)
-        assert batch.batch_size == 3 and batch.nbytes() == sum(c.nbytes() for c in caches)
-        together = model(input_ids=torch.full((3, 1), 7), cache=batch, use_cache=True).logits
-        assert_close("joined step", together, torch.cat(alone))
-        # a second step after dropping the middle row still matches
-        kept = batch.select([2, 0])
-        again = model(input_ids=torch.tensor([[5], [9]]), cache=kept, use_cache=True).logits
-    with torch.inference_mode():
-        full = [model(input_ids=torch.cat([prompts[i], torch.tensor([[7, u]])], 1)).logits[:, -1:]
-                for i, u in ((2, 5), (0, 9))]
-    assert_close("after select", again, torch.cat(full))
-
-
-def test_cache_concat_rejects_mismatched_caches() -> None:
-    with pytest.raises(ValueError, match="at least one"):
-        RecurrentCache.concat([])
-    with pytest.raises(ValueError, match="never prefilled"):
-        RecurrentCache.concat([RecurrentCache(2, 1)])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,18 +7,8 @@ import torch
 from transformers import TrainerCallback
 
 import attnfree
-from attnfree import FastformerConfig, FastformerForCausalLM
 from attnfree.data import ByteTokenizer
 from attnfree.inference.decoding import TokenStreamer
-from attnfree.models.registry import (
-    MODELS,
-    ModelSize,
-    build_model,
-    count_parameters,
-    parse_model_spec,
-    register_model,
-    split_model_list,
-)
 from attnfree.training import RECIPES, RunResult, TrainSettings, recipe, train
 
 TINY = dict(hidden_size=32, n_heads=2, num_layers=2, block_size=32, batch_size=4, max_steps=8, log_every=2,
@@ -90,48 +80,6 @@ def test_settings_round_trip_through_a_dict():
     assert TrainSettings.from_dict(settings.to_dict()) == settings
     with pytest.raises(ValueError, match="unknown TrainSettings field"):
         TrainSettings.from_dict({"widht": 3})
-
-
-# ----------------------------------------------------------------------------------------------
-# Registry
-# ----------------------------------------------------------------------------------------------
-
-
-SIZE = ModelSize(hidden_size=64, n_heads=4, num_layers=4, n_positions=64)
-
-
-def test_conv_variant_has_one_layer_fewer_and_matched_parameters():
-    torch.manual_seed(0)
-    plain, conv, gpt2 = (build_model(name, SIZE, ByteTokenizer()) for name in ("fastformer", "fastformer-conv", "gpt2"))
-    assert plain.config.num_hidden_layers == 4 and conv.config.num_hidden_layers == 3 and conv.config.convolve
-    counts = [count_parameters(m) for m in (plain, conv, gpt2)]
-    assert max(counts) / min(counts) < 1.1, counts
-
-
-def test_spec_overrides_reach_the_config():
-    assert parse_model_spec("fastformer:residual=normed,kernel_size=8") == (
-        "fastformer", {"residual": "normed", "kernel_size": 8})
-    model = build_model("fastformer-conv:kernel_size=8", SIZE, ByteTokenizer(), {"label_smoothing": 0})
-    assert model.config.kernel_size == 8 and model.config.label_smoothing == 0.0
-    gpt2 = build_model("gpt2:n_inner=128,activation_function=relu", SIZE, ByteTokenizer())
-    assert gpt2.config.n_inner == 128 and gpt2.config.activation_function == "relu"
-    design = build_model("fastformer:decay=none,scale_logits=true", SIZE, ByteTokenizer())
-    assert design.config.decay == "none" and design.config.scale_logits is True  # the string choice, not None
-    with pytest.raises(ValueError, match="unknown FastformerConfig field.*kernal"):
-        build_model("fastformer:kernal=3", SIZE, ByteTokenizer())
-
-
-def test_model_lists_keep_overrides_with_their_model():
-    assert split_model_list("fastformer:residual=normed,kernel_size=8,gpt2") == [
-        "fastformer:residual=normed,kernel_size=8", "gpt2"]
-
-
-def test_register_model_is_one_line():
-    register_model("tiny-fastformer", FastformerConfig, FastformerForCausalLM, defaults={"n_heads": 1})
-    try:
-        assert build_model("tiny-fastformer", SIZE, ByteTokenizer()).config.n_heads == 1
-    finally:
-        del MODELS["tiny-fastformer"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ class BlockDataset(Dataset[dict[str, torch.Tensor]]):
     """Non-overlapping contiguous blocks of ``block_size`` tokens, in order.
 
     The last partial block is dropped (training wants full-length batches); evaluation must not drop
-    it, so score held-out text with ``attnfree.metrics.evaluate_bpc`` rather than this dataset.
+    it, so score held-out text with ``attnfree.evaluation.bpc.evaluate_bpc`` rather than this dataset.
     """
 
     def __init__(self, tokens: torch.Tensor | Sequence[int], block_size: int) -> None:
