@@ -29,8 +29,9 @@ from transformers import PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 from transformers.pytorch_utils import Conv1D
 
-from attnfree.cache import RecurrentCache
-from attnfree.decoding import Sampling, stream_generate
+from attnfree.inference.decoding import stream_generate
+from attnfree.inference.sampling import Sampling
+from attnfree.models.cache import RecurrentCache
 from attnfree.models.compat import output_cache
 from benchmarks.common import (
     QUICK,

@@ -9,7 +9,7 @@ For each trained checkpoint (a run folder of ``attnfree train``), four variants:
 - torch-int8: ``attnfree.export.quantize_dynamic_int8`` (every nn.Linear int8, activations quantized per call);
   size = the quantized state_dict saved with torch.save.
 - onnx-fp32 / onnx-int8: ``attnfree export --quantize int8`` (onnxruntime's ``quantize_dynamic`` on MatMul/Gemm
-  weights) run by ``attnfree.runtime.OnnxLM``; size = step.onnx + prefill.onnx (the step graph alone in
+  weights) run by ``attnfree.inference.runtime.OnnxLM``; size = step.onnx + prefill.onnx (the step graph alone in
   ``step_mb``).
 
 Decode speed: greedy, a prompt of 8 tokens per row, then ``--new-tokens`` tokens; tokens/s counts the steps after
@@ -35,14 +35,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from attnfree.checkpoints import load_checkpoint
 from attnfree.data import ByteTokenizer, TextTokenizer, load_corpus
-from attnfree.decoding import Sampling, stream_generate
-from attnfree.export import export_onnx, quantize_dynamic_int8
-from attnfree.metrics import evaluate_bpc
+from attnfree.evaluation.bpc import evaluate_bpc
+from attnfree.inference.decoding import stream_generate
+from attnfree.inference.export import export_onnx, quantize_dynamic_int8
+from attnfree.inference.runtime import OnnxLM
+from attnfree.inference.runtime import Sampling as NpSampling
+from attnfree.inference.sampling import Sampling
 from attnfree.models.registry import ModelSize, build_model
-from attnfree.runtime import OnnxLM
-from attnfree.runtime import Sampling as NpSampling
-from attnfree.training import load_checkpoint
 from benchmarks.common import Row, ints, print_table, write_json
 
 MB = 1024 * 1024

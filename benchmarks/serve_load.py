@@ -51,10 +51,10 @@ def build_app(args: argparse.Namespace) -> Any:
     """The app the child serves: a checkpoint, or a freshly initialised registry model (seed 0)."""
     import torch
 
+    from attnfree.checkpoints import load_checkpoint
     from attnfree.data import load_tokenizer
+    from attnfree.inference.serve.app import create_app
     from attnfree.models.registry import ModelSize, build_model
-    from attnfree.serve.app import create_app
-    from attnfree.training import load_checkpoint
 
     torch.set_num_threads(args.threads)
     if args.checkpoint:
@@ -102,7 +102,7 @@ def server(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
     """A fresh server for one point, and its process id: a subprocess (default) or a thread of this process
     (--in-process)."""
     if args.in_process:
-        from attnfree.serve.app import serve_in_thread
+        from attnfree.inference.serve.app import serve_in_thread
 
         with serve_in_thread(build_app(args)) as url:
             yield url, os.getpid()
