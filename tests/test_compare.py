@@ -1,4 +1,4 @@
-"""The side-by-side comparison: two tiny models, each trained in its own process, then table, plots, samples."""
+"""The side-by-side comparison: tiny models under two seeds, each run in its own process; tables, plots, samples."""
 
 import json
 
@@ -16,34 +16,47 @@ def small_text(data_dir, tmp_path):
     return str(path)
 
 
-def test_compare_writes_table_plots_and_samples(small_text, tmp_path, monkeypatch, capsys):
+ARGS = ["--models", "fastformer:residual=normed,gpt2", "--tokenizer", "bpe:300", "--hidden-size", "32",
+        "--n-heads", "2", "--num-layers", "2", "--block-size", "32", "--batch-size", "4", "--max-steps", "6",
+        "--eval-every", "3", "--no-progress", "--sample-tokens", "8", "--prompt", "KING:", "--seeds", "3,4"]
+
+
+def test_compare_over_seeds_writes_tables_plots_and_samples(small_text, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ATTNFREE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "cmp"
-    code = main(["compare", "--models", "fastformer:residual=normed,gpt2", "--data", small_text,
-                 "--tokenizer", "bpe:300", "--hidden-size", "32", "--n-heads", "2", "--num-layers", "2",
-                 "--block-size", "32", "--batch-size", "4", "--max-steps", "6", "--eval-every", "3",
-                 "--no-progress", "--sample-tokens", "8", "--prompt", "KING:", "--output-dir", str(out)])
-    assert code == 0
+    assert main(["compare", "--data", small_text, "--output-dir", str(out), *ARGS]) == 0
     printed = capsys.readouterr().out
     assert "| fastformer_residual=normed |" in printed and "| gpt2 |" in printed
-    # the same trained tokenizer, budget and seed for both; each run's files in its own folder
+    # every model under every seed, the same trained tokenizer and budget; each run in its own folder
     results = json.loads((out / "results.json").read_text())
     assert {"python", "torch", "transformers", "attnfree", "git_commit", "git_dirty"} <= results["provenance"].keys()
-    runs = {k: RunResult(**v) for k, v in results["runs"].items()}
-    assert list(runs) == ["fastformer_residual=normed", "gpt2"]
+    assert results["seeds"] == [3, 4] and results["baseline"] == "gpt2"
+    models = results["models"]
+    runs = {(k, int(s)): RunResult(**v) for k, m in models.items() for s, v in m["runs"].items()}
+    assert sorted(runs) == [("fastformer_residual=normed", 3), ("fastformer_residual=normed", 4), ("gpt2", 3),
+                            ("gpt2", 4)]
     assert {r.settings["tokenizer"] for r in runs.values()} == {str((out / "tokenizer").resolve())}
-    assert all(r.steps == 6 and [h["step"] for h in r.eval_history] == [3, 6] for r in runs.values())
-    assert runs["fastformer_residual=normed"].settings["model"] == "fastformer:residual=normed"
-    for label in runs:
-        assert (out / label / "run.json").is_file() and (out / label / "model.safetensors").is_file()
-    # results.md: protocol, table, plots, samples
+    assert all(r.steps == 6 and r.settings["seed"] == seed for (_, seed), r in runs.items())
+    assert runs[("gpt2", 3)].bpc != runs[("gpt2", 4)].bpc  # the seeds differ
+    for label, seed in runs:
+        assert (out / label / f"seed-{seed}" / "run.json").is_file()
+    # the summary: mean and std over seeds, the paired difference to the baseline with its interval
+    ff = models["fastformer_residual=normed"]
+    bpcs = [runs[("fastformer_residual=normed", s)].bpc for s in (3, 4)]
+    base = [runs[("gpt2", s)].bpc for s in (3, 4)]
+    assert ff["summary"]["n"] == 2 and ff["summary"]["mean"] == pytest.approx(sum(bpcs) / 2)
+    diff = ff["difference"]
+    assert diff["mean"] == pytest.approx(sum(bpcs) / 2 - sum(base) / 2)
+    assert diff["low"] < diff["mean"] < diff["high"] and models["gpt2"]["difference"] is None
     text = (out / "results.md").read_text()
-    assert "Data protocol:" in text and "Evaluation protocol" in text
-    assert "| model | parameters | validation BPC | nats/char | loss/token | perplexity | tokens/s |" in text
+    assert "BPC mean ± std" in text and "vs gpt2 (paired, 95% interval)" in text and "## Every run" in text
     assert text.count("KING:") >= 2 and "### gpt2" in text
     for plot in ("bpc_vs_steps.png", "bpc_vs_seconds.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # an interrupted sweep resumes: the same command reuses every finished run
+    assert main(["compare", "--data", small_text, "--output-dir", str(out), *ARGS]) == 0
+    assert capsys.readouterr().err.count("reusing") == 4
 
 
 def test_labels_and_table_rows():
@@ -52,7 +65,7 @@ def test_labels_and_table_rows():
                     perplexity=5.64, tokens_per_second=1000.0, peak_memory_mb=512.0, wall_seconds=12.3,
                     train_seconds=10.0, steps=6, tokens_trained=768, stopped_by="max_steps", data_protocol="d",
                     eval_protocol="e", eval_history=[], train_history=[], world_size=1, device="cpu",
-                    output_dir="x", settings={})
-    lines = results_table({"gpt2": run}).splitlines()
+                    output_dir="x", settings={"seed": 7})
+    lines = results_table({"gpt2@7": run}).splitlines()
     assert len(lines) == 3
-    assert lines[2] == "| gpt2 | 1,234 | 2.5000 | 1.7300 | 1.7300 | 5.640 | 1,000 | 512 | 12.3 | 6 |"
+    assert lines[2] == "| gpt2 | 7 | 1,234 | 2.5000 | 1.7300 | 1.7300 | 5.640 | 1,000 | 512 | 12.3 | 6 |"

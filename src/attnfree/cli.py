@@ -143,6 +143,8 @@ def _end_distributed() -> bool:
 def cmd_eval(ns: argparse.Namespace) -> int:
     from attnfree.evaluation.bpc import evaluate_checkpoint
 
+    if ns.context:
+        return _eval_contexts(ns)
     result = evaluate_checkpoint(ns.checkpoint, ns.data, data_dir=ns.data_dir, block_size=ns.block_size,
                                  stride=ns.stride, batch_size=ns.batch_size, bos=ns.bos)
     if ns.json:
@@ -154,6 +156,33 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     print(f"perplexity:    {result.perplexity:.3f}")
     print(f"protocol:      {result.protocol}")
     return 0
+
+
+def _eval_contexts(ns: argparse.Namespace) -> int:
+    """``attnfree eval CKPT --context L1,L2,...``: BPC at each context length (sliding windows)."""
+    from attnfree.evaluation.bpc import checkpoint_split, evaluate_contexts
+
+    model, tokenizer, tokens, n_chars = checkpoint_split(ns.checkpoint, ns.data, ns.data_dir)
+    rows = evaluate_contexts(model, tokens, n_chars, ns.context, ns.stride_fraction,
+                             tokenizer.bos_token_id if ns.bos else None)
+    if ns.json:
+        print(json.dumps([{"context": r.context, "stride": r.stride, "note": r.note,
+                           "result": dataclasses.asdict(r.result) if r.result else None} for r in rows], indent=2))
+        return 0
+    print(f"{'context':>8} {'stride':>8} {'bpc':>8}")
+    for r in rows:
+        print(f"{r.context:>8} {r.stride:>8} " + (f"{r.result.bpc:>8.4f}" if r.result else f"{'-':>8}  ({r.note})"))
+    return 0
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -175,10 +204,20 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     settings = settings_from_args(ns)
     models = split_model_list(ns.models)
     result = compare(settings, models, output_dir=settings.output_dir, prompt=ns.prompt,
-                     sample_tokens=ns.sample_tokens)
+                     sample_tokens=ns.sample_tokens, seeds=ns.seeds, baseline=ns.baseline or None)
     print(result.table)
     print(f"\nwrote {result.output_dir / 'results.md'}")
     return 0
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return seeds
 
 
 def _is_main_process() -> bool:
@@ -216,6 +255,11 @@ def _eval_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="windows per batch (default: 16)")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
                    help="prepend BOS so the first token is scored (default: on)")
+    p.add_argument("--context", type=_positive_ints, default=None, metavar="L1,L2,...",
+                   help="BPC at each context length: sliding windows of L tokens (beyond the training block for "
+                   "position-free models; lengths past a model's learned positions are skipped)")
+    p.add_argument("--stride-fraction", type=float, default=0.5,
+                   help="with --context: window stride as a fraction of L (default: 0.5)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -244,6 +288,11 @@ def _compare_parser(sub: Any) -> None:
     p.add_argument("--models", default="fastformer,fastformer-conv,leviathan,gpt2",
                    help=f"comma-separated model specs (registered: {', '.join(sorted(MODELS))}); "
                    "overrides ride along: 'fastformer:residual=normed,kernel_size=8,gpt2'")
+    p.add_argument("--seeds", type=_seed_list, default=None, metavar="S1,S2,...",
+                   help="train every model under each of these seeds and report mean ± std and the paired "
+                   "difference to the baseline (default: --seed alone)")
+    p.add_argument("--baseline", default="gpt2", help="the model spec the others are compared with, if listed "
+                   "(default: gpt2; '' for none)")
     p.add_argument("--prompt", default="ROMEO:", help="prompt of the generated samples (default: 'ROMEO:')")
     p.add_argument("--sample-tokens", type=int, default=200, help="tokens per generated sample (default: 200)")
     add_settings_flags(p)

@@ -166,3 +166,26 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
     args = {"tokens": tokens(20), "n_chars": 20, **kwargs}
     with pytest.raises(ValueError, match=match):
         evaluate_bpc(UniformLM(), **args)
+
+
+def test_contexts_beyond_the_training_length_and_past_learned_positions() -> None:
+    """A position-free model is scored at any context (each L the same as evaluate_bpc with that window and
+    stride); a model with learned positions only up to its n_positions."""
+    from attnfree import FastformerConfig, FastformerForCausalLM
+    from attnfree.evaluation.bpc import evaluate_contexts
+
+    torch.manual_seed(0)
+    free = FastformerForCausalLM(FastformerConfig(vocab_size=V, hidden_size=16, n_heads=2, num_hidden_layers=1,
+                                                  n_positions=16, position_embedding_type="none",
+                                                  hidden_dropout_prob=0.0)).eval()
+    stream = tokens(300)
+    rows = evaluate_contexts(free, stream, 300, [16, 64, 256], stride_fraction=0.5, bos_token_id=1)
+    assert [r.context for r in rows] == [16, 64, 256] and all(r.result is not None for r in rows)
+    for r in rows:
+        assert r.result is not None
+        assert r.result.bpc == pytest.approx(evaluate_bpc(free, stream, 300, r.context, stride=r.context // 2,
+                                                          bos_token_id=1).bpc)
+    capped = evaluate_contexts(tiny_gpt2(torch.float32), stream, 300, [16, 64, 128], bos_token_id=1)
+    assert [r.result is None for r in capped] == [False, False, True] and "n_positions=64" in capped[2].note
+    with pytest.raises(ValueError, match="stride_fraction"):
+        evaluate_contexts(free, stream, 300, [16], stride_fraction=0.0)

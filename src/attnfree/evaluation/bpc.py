@@ -178,6 +178,14 @@ def evaluate_bpc(
     )
 
 
+def checkpoint_split(path: str | Path, data: str, data_dir: str | None = None
+                     ) -> tuple[torch.nn.Module, Any, torch.Tensor, int]:
+    """A checkpoint's model and tokenizer, and the validation split of ``data`` as tokens and characters."""
+    model, tokenizer = load_checkpoint(path)
+    corpus = load_corpus(data, data_dir=data_dir)
+    return model, tokenizer, tokenize_cached(corpus.valid_text, tokenizer), len(corpus.valid_text)
+
+
 def evaluate_checkpoint(
     path: str | Path,
     data: str,
@@ -204,3 +212,38 @@ def evaluate_checkpoint(
     tokens = tokenize_cached(corpus.valid_text, tokenizer)
     return evaluate_bpc(model, tokens, len(corpus.valid_text), block_size, stride=stride, batch_size=batch_size,
                         bos_token_id=tokenizer.bos_token_id if bos else None)
+
+
+@dataclass(frozen=True)
+class ContextResult:
+    """BPC with ``context`` tokens of window (None: the model cannot take that many positions)."""
+
+    context: int
+    stride: int
+    result: EvalResult | None
+    note: str = ""
+
+
+def evaluate_contexts(model: torch.nn.Module, tokens: torch.Tensor, n_chars: int, contexts: list[int],
+                      stride_fraction: float = 0.5, bos_token_id: int | None = None,
+                      tokens_per_batch: int = 16384) -> list[ContextResult]:
+    """BPC at each context length L: sliding windows of L tokens, stride ``L * stride_fraction`` (so every scored
+    token after the first window has at least L - stride tokens before it). Lengths beyond the model's learned
+    positions are skipped with a note (a GPT-2 is reported up to its n_positions only)."""
+    from attnfree.models.registry import max_positions
+
+    if not 0 < stride_fraction <= 1:
+        raise ValueError(f"stride_fraction must be in (0, 1], got {stride_fraction}")
+    if not contexts or any(L < 1 for L in contexts):
+        raise ValueError(f"contexts must be positive lengths, got {contexts}")
+    limit = max_positions(model)  # type: ignore[arg-type]
+    out = []
+    for L in contexts:
+        stride = max(1, int(L * stride_fraction))
+        if limit is not None and L > limit:
+            out.append(ContextResult(L, stride, None, f"beyond the model's n_positions={limit}"))
+            continue
+        result = evaluate_bpc(model, tokens, n_chars, L, stride=stride, batch_size=max(1, tokens_per_batch // L),
+                              bos_token_id=bos_token_id)
+        out.append(ContextResult(L, stride, result))
+    return out

@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    GPT2Config,
+    MambaConfig,
+    PreTrainedConfig,
+    PreTrainedModel,
+    RwkvConfig,
+)
 
 from attnfree.models.fastformer import FastformerConfig, FastformerForCausalLM
 from attnfree.models.gpt2 import build_gpt2, gpt2_sizes
@@ -32,6 +41,7 @@ from attnfree.models.leviathan import (
     LeviathanMoEConfig,
     LeviathanMoEForCausalLM,
 )
+from attnfree.models.peers import build_peer, mamba_sizes, rwkv_sizes
 
 
 @dataclass(frozen=True)
@@ -230,3 +240,5 @@ register_model("leviathan", LeviathanConfig, LeviathanForCausalLM)
 register_model("leviathan-ensemble", LeviathanEnsembleConfig, LeviathanEnsembleForCausalLM)
 register_model("leviathan-moe", LeviathanMoEConfig, LeviathanMoEForCausalLM)
 register_model("gpt2", GPT2Config, build_gpt2, baseline_gpt2_sizes, auto=False)
+register_model("rwkv", RwkvConfig, build_peer, rwkv_sizes, auto=False)
+register_model("mamba", MambaConfig, build_peer, mamba_sizes, auto=False)
