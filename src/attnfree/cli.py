@@ -1,4 +1,4 @@
-"""``attnfree train|eval|generate|compare|serve|export``: thin argparse wrappers over the Python API.
+"""``attnfree train|eval|generate|compare|recall|serve|export``: thin argparse wrappers over the Python API.
 
 Every ``TrainSettings`` field is a ``train`` flag (``hidden_size`` -> ``--hidden-size``), generated from the
 dataclass so the two never drift apart. The same ``train`` command runs on several processes unchanged:
@@ -299,6 +299,42 @@ def _compare_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_compare)
 
 
+def cmd_recall(ns: argparse.Namespace) -> int:
+    from attnfree.evaluation.recall import recall, results_table, settings_for
+
+    overrides = {k: v for k, v in (("seq_len", ns.seq_len), ("n_pairs", ns.n_pairs), ("vocab_size", ns.vocab_size),
+                                   ("steps", ns.steps), ("lr", ns.lr), ("layers", ns.layers), ("seed", ns.seed))
+                 if v is not None}
+    settings = settings_for(ns.preset, **overrides)
+    if ns.widths:
+        settings = list({(s.task, w): dataclasses.replace(s, width=w) for s in settings for w in ns.widths}.values())
+    results = recall(split_model_list(ns.models), settings, ns.output_dir,
+                     log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(results_table(results))
+    if ns.output_dir:
+        print(f"\nwrote {Path(ns.output_dir) / 'results.md'}")
+    return 0
+
+
+def _recall_parser(sub: Any) -> None:
+    p = sub.add_parser("recall", help="multi-query associative recall (MQAR) for several models",
+                       description="Train each model on the Zoology study's multi-query associative recall task and "
+                       "report answer accuracy on held-out sequences beside each model's decode-state bytes.")
+    p.add_argument("--models", default="fastformer,fastformer-conv,leviathan,gpt2,rwkv",
+                   help="comma-separated model specs (as for compare)")
+    p.add_argument("--preset", default="cpu", help="cpu (minutes per model) or zoology (the paper's settings)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length T (override the preset's)")
+    p.add_argument("--n-pairs", type=int, default=None, help="key-value pairs per sequence")
+    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary (keys: first half, values: second)")
+    p.add_argument("--widths", type=_positive_ints, default=None, metavar="W1,W2", help="model widths")
+    p.add_argument("--layers", type=int, default=None, help="layers per model (default: 2)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per model")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=None, help="seed for the data and the weights")
+    p.add_argument("--output-dir", default=None, help="write results.json, results.md and a plot here")
+    p.set_defaults(func=cmd_recall)
+
+
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (streaming, OpenAI-style, a web page)",
                        description="Start an HTTP server: GET / (a page to try the model), POST /generate (server-sent "
@@ -351,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnfree", description="Attention-free causal language models: "
                                      "train, evaluate, sample and compare.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _eval_parser, _generate_parser, _compare_parser, _serve_parser, _export_parser):
+    for add in (_train_parser, _eval_parser, _generate_parser, _compare_parser, _recall_parser, _serve_parser,
+                _export_parser):
         add(sub)
     return parser
 

@@ -1,0 +1,58 @@
+"""Multi-query associative recall: the task as Zoology defines it, and a model that solves it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attnfree.cli import main
+from attnfree.evaluation.recall import IGNORE, MQARTask, RecallSettings, make_mqar, train_recall
+
+
+def test_the_sequences_hold_pairs_then_each_key_once_more_with_its_value_due():
+    task = MQARTask(seq_len=32, n_pairs=4, vocab_size=64)
+    inputs, targets = make_mqar(task, 200, seed=0)
+    assert inputs.shape == targets.shape == (200, 32) and int(inputs.max()) < 64
+    for x, y in zip(inputs.tolist(), targets.tolist()):
+        keys, values = x[0:8:2], x[1:8:2]
+        assert len(set(keys)) == 4 and all(1 <= k < 32 for k in keys) and all(32 <= v < 64 for v in values)
+        answers = [(t, v) for t, v in enumerate(y) if v != IGNORE]
+        assert len(answers) == 4 and all(t >= 8 and t % 2 == 0 for t, _ in answers)  # even slots after the pairs
+        assert sorted((x[t], v) for t, v in answers) == sorted(zip(keys, values))  # each key asks for its value
+    again, _ = make_mqar(task, 200, seed=0)
+    other, _ = make_mqar(task, 200, seed=1)
+    assert torch.equal(inputs, again) and not torch.equal(inputs, other)
+    gaps = [t for y in targets.tolist() for t, v in enumerate(y) if v != IGNORE]
+    assert sum(g < 16 for g in gaps) > sum(g >= 24 for g in gaps)  # power law: most queries come early
+
+
+@pytest.mark.parametrize("change", [dict(seq_len=15), dict(seq_len=16, n_pairs=5), dict(vocab_size=8, n_pairs=4)])
+def test_impossible_tasks_are_refused(change):
+    with pytest.raises(ValueError):
+        MQARTask(**{**dict(seq_len=16, n_pairs=2, vocab_size=32), **change})
+
+
+def test_an_attention_model_solves_a_tiny_setting_and_state_bytes_are_counted(tmp_path):
+    """Two layers: the fewest with which attention can look a key up and read the token after it (an induction
+    head needs a previous-token head below it)."""
+    settings = RecallSettings(MQARTask(seq_len=16, n_pairs=2, vocab_size=32), width=64, layers=2, heads=2,
+                              train_examples=4000, test_examples=500, steps=800, batch_size=32)
+    result = train_recall("gpt2", settings)
+    assert result.accuracy >= 0.95, result
+    assert result.state_bytes == 2 * 2 * 16 * 64 * 4  # the KV cache: keys and values, 2 layers, T=16, width 64, fp32
+    fast = train_recall("fastformer", RecallSettings(settings.task, width=64, layers=2, heads=2, steps=2))
+    assert fast.state_bytes < result.state_bytes and 0 <= fast.accuracy <= 1
+
+
+def test_the_cli_writes_a_table_and_resumes(tmp_path, capsys):
+    args = ["recall", "--models", "fastformer,gpt2", "--seq-len", "16", "--n-pairs", "2", "--vocab-size", "32",
+            "--widths", "16", "--layers", "1", "--steps", "3", "--output-dir", str(tmp_path)]
+    assert main(args) == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [r["result"]["model"] for r in runs] == ["fastformer", "gpt2"] and (tmp_path / "results.md").is_file()
+    assert (tmp_path / "accuracy_vs_state.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(args) == 0  # everything reused: nothing trained again
+    assert "recall fastformer" not in capsys.readouterr().err
