@@ -89,7 +89,14 @@ SIZE = ModelSize(hidden_size=24, n_heads=3, num_layers=2, n_positions=64)
 OVERRIDES = {"leviathan": {"dense_lags": 4, "segment": 3}, "leviathan-moe": {"dense_lags": 4, "n_experts": 3},
              "leviathan-ensemble": {"dense_lags": 4, "n_modules": 1, "members_per_module": 2,
                                     "interaction_heads": 3}}
-FAMILIES = sorted(name for name in MODELS if name != "gpt2")  # every recurrent family, the toy included
+# every attnfree recurrent family (the toy included), and each family with every option toward RWKV switched on
+CASES = {name: (name, OVERRIDES.get(name)) for name, entry in MODELS.items()
+         if isinstance(entry.build, type) and issubclass(entry.build, RecurrentForCausalLM)}
+CASES["fastformer+options"] = ("fastformer", {"pool_head_size": 1, "decay_per": "pool_head", "bonus": True,
+                                              "token_shift": True, "output_gate": True, "ffn_type": "channel_mix"})
+CASES["leviathan+options"] = ("leviathan", {**OVERRIDES["leviathan"], "output_gate": True,
+                                            "block_flavour": "channel_mix4"})
+FAMILIES = sorted(CASES)
 
 
 @pytest.fixture(params=FAMILIES)
@@ -99,7 +106,8 @@ def name(request) -> str:
 
 def tiny(name: str, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
     torch.manual_seed(0)
-    return perturb(build_model(name, SIZE, TOK, OVERRIDES.get(name)), std=0.2).to(dtype).eval()
+    family, overrides = CASES[name]
+    return perturb(build_model(family, SIZE, TOK, overrides), std=0.2).to(dtype).eval()
 
 
 def padded_batch(T: int = 13) -> tuple[Tensor, Tensor]:
@@ -111,6 +119,7 @@ def padded_batch(T: int = 13) -> tuple[Tensor, Tensor]:
 
 
 def test_the_toy_family_is_one_registration_away() -> None:
+    assert {"fastformer", "fastformer-conv", "leviathan", "leviathan-ensemble", "leviathan-moe", "toy"} <= set(CASES)
     assert MODELS["toy"].config_class is ToyConfig and isinstance(build_model("toy", SIZE, TOK), ToyForCausalLM)
 
 

@@ -212,7 +212,8 @@ NON_DEFAULT = {  # every field, a non-default value
     "hidden_dropout_prob": 0.3, "position_embedding_type": "none", "residual": "normed", "decay": "fixed",
     "scale_logits": True, "ffn_multiplier": 2,
     "layer_norm_eps": 1e-2, "pool_chunk_size": 4, "pad_token_id": 3, "bos_token_id": 4, "eos_token_id": 5,
-    "use_cache": False, "tie_word_embeddings": False,
+    "use_cache": False, "tie_word_embeddings": False, "pool_head_size": 4, "decay_per": "pool_head", "bonus": True,
+    "token_shift": True, "output_gate": True, "ffn_type": "channel_mix",
 }
 
 
@@ -244,7 +245,8 @@ def test_every_config_field_is_declared_here():
 
 @pytest.mark.parametrize("field", sorted(NON_DEFAULT))
 def test_every_config_field_has_an_effect(field):
-    extra = {"groups": {"convolve": True}, "kernel_size": {"convolve": True}}.get(field, {})
+    extra = {"groups": {"convolve": True}, "kernel_size": {"convolve": True},
+             "decay_per": {"pool_head_size": 2}}.get(field, {})  # (pool heads = heads: per head is per pool head)
     assert signature(**extra) != signature(**extra, **{field: NON_DEFAULT[field]})
 
 

@@ -373,6 +373,7 @@ NON_DEFAULT = {  # every field, a non-default value
         "position_embedding_type": "none", "dense_lags": 2, "segment": 3, "block_flavour": "leaky6",
         "hidden_dropout_prob": 0.3, "initializer_range": 0.5, "layer_norm_eps": 1e-1, "label_smoothing": 0.1,
         "pad_token_id": 3, "bos_token_id": 4, "eos_token_id": 5, "use_cache": False, "tie_word_embeddings": False,
+        "output_gate": True,
     },
     "ensemble": {"n_modules": 1, "members_per_module": 3, "interaction_heads": 3, "module_streams": True},
     "moe": {"n_experts": 3, "router_top_k": 1, "capacity_factor": 0.3, "noise": 0.0, "aux_loss_coef": 1.0},

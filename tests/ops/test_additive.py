@@ -152,3 +152,48 @@ def test_in_place_step_matches_step():
     outs = [additive_pool_step_(x[:, t], a[:, t], state) for t in range(12)]
     assert_close("in-place steps", torch.stack(outs, 1), ref)
     assert [t.data_ptr() for t in state] == ptrs  # no re-allocation of the state
+
+
+def _bonus_run(fn, x, a, u, mask, do, state=None, **kw):
+    out, final = fn(x, a, mask, state, True, bonus=u, **kw)
+    (out.float() * do).sum().backward()
+    grads = (x.grad.clone(), a.grad.clone(), u.grad.clone())
+    x.grad = a.grad = u.grad = None
+    return out, final, grads
+
+
+@pytest.mark.parametrize("B,T,H,D", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("scale", [1.0, 30.0], ids=["u1", "u30"])
+def test_the_current_token_bonus_in_every_form(B, T, H, D, dtype, scale):
+    """RWKV's u: the current token's weight times e^u in the output only; values, state and every gradient
+    (the bonus's included) agree across the forms, for bonuses small and large, positive and negative."""
+    x, a, mask = make_inputs(B, T, H, D, dtype)
+    u = (torch.linspace(-1.0, 1.0, H, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    do = torch.randn(B, T, H, D)
+    ref = _bonus_run(additive_pool_naive, x, a, u, mask, do)
+    for name, fn, kw in (("parallel", additive_pool_parallel, {"chunk_size": 16}),
+                         ("recurrent", additive_pool_recurrent, {})):
+        out, state, grads = _bonus_run(fn, x, a, u, mask, do, **kw)
+        assert_close(f"{name} out", out, ref[0].to(out.dtype))
+        for field, s, r in zip(("s", "z", "m"), state, ref[1]):
+            assert_close(f"{name} state.{field}", s, r.to(s.dtype))
+        checked = ("dx", "da", "du") if dtype == torch.float64 or scale == 1.0 else ("dx", "da")
+        for field, gg, rg in zip(("dx", "da", "du"), grads, ref[2]):
+            if field in checked:  # (float32 du at |u| = 30: a sum of terms of order e^-30 that cancel; f64 checks it)
+                assert_close(f"{name} {field}", gg, rg.to(gg.dtype))
+
+
+def test_a_zero_bonus_is_no_bonus_and_it_continues_from_a_state():
+    x, a, mask = make_inputs(2, 40, 3, 5, torch.float64)
+    zero = torch.zeros(3, dtype=torch.float64)
+    plain = additive_pool_parallel(x, a, mask, None, True)[0]
+    assert_close("u = 0", additive_pool_parallel(x, a, mask, None, True, bonus=zero)[0], plain)
+    u = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
+    full = additive_pool_naive(x, a, mask, None, False, bonus=u)[0]
+    head, state = additive_pool_parallel(x[:, :17], a[:, :17], mask[:, :17], None, True, bonus=u)
+    tail = additive_pool_parallel(x[:, 17:], a[:, 17:], mask[:, 17:], state, False, bonus=u)[0]
+    assert_close("prefill + continue", torch.cat([head, tail], 1), full)
+    s = init_additive_state(2, 3, 5, torch.float64)
+    steps = [additive_pool_step_(x[:, t].detach(), a[:, t].detach(), s, u) for t in range(40)]
+    assert_close("in-place steps", torch.stack(steps, 1)[0], full[0].detach())  # row 0: no padding

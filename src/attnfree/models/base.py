@@ -40,6 +40,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from attnfree.layers.ffn import ChannelMix
 from attnfree.models.cache import RecurrentCache
 from attnfree.models.common import (
     causal_lm_loss,
@@ -223,6 +224,8 @@ class RecurrentPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, ChannelMix):
+            init.constant_(module.time_mix, 0.5)
 
     def auto_classes(self) -> dict[str, type]:
         """The classes transformers' Auto classes should build for this checkpoint."""

@@ -24,8 +24,8 @@ def tree_map(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         changes = {f.name: tree_map(getattr(obj, f.name), fn) for f in dataclasses.fields(obj) if f.init}
         return dataclasses.replace(obj, **changes)
-    if isinstance(obj, dict):
-        return {k: tree_map(v, fn) for k, v in obj.items()}
+    if isinstance(obj, dict):  # in key order: the order a state was filled in must not matter
+        return {k: tree_map(obj[k], fn) for k in sorted(obj)}
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # NamedTuple
         return type(obj)(*(tree_map(v, fn) for v in obj))
     if isinstance(obj, (tuple, list)):
@@ -34,7 +34,7 @@ def tree_map(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 
 def tree_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
-    """(dotted name, tensor) for every tensor in ``obj``, in a fixed order (fields, keys, indices)."""
+    """(dotted name, tensor) for every tensor in ``obj``, in a fixed order (fields, sorted keys, indices)."""
     join = (lambda key: f"{prefix}.{key}") if prefix else (lambda key: str(key))
     if isinstance(obj, Tensor):
         yield prefix, obj
@@ -45,9 +45,9 @@ def tree_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
     elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
         for name, value in zip(obj._fields, obj, strict=True):
             yield from tree_leaves(value, join(name))
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from tree_leaves(value, join(key))
+    elif isinstance(obj, dict):  # in key order, as tree_map
+        for key in sorted(obj):
+            yield from tree_leaves(obj[key], join(key))
     elif isinstance(obj, (tuple, list)):
         for i, value in enumerate(obj):
             yield from tree_leaves(value, join(i))

@@ -20,7 +20,7 @@ from transformers import initialization as init
 
 from attnfree.layers.additive_attention import FastformerAttention, alibi_log_slopes
 from attnfree.layers.conv import CausalConvolution
-from attnfree.layers.ffn import FeedForward
+from attnfree.layers.ffn import make_ffn
 from attnfree.models.base import (
     BlockContext,
     LayerState,
@@ -39,19 +39,19 @@ class FastformerLayer(RecurrentBlock):
         self.conv = (CausalConvolution(c.hidden_size, c.kernel_size, c.groups, c.hidden_dropout_prob, c.layer_norm_eps)
                      if c.convolve else None)
         self.attention = FastformerAttention(c.hidden_size, c.n_heads, c.hidden_dropout_prob, c.layer_norm_eps,
-                                             c.residual, c.pool_chunk_size, c.decay)
-        self.ffn = FeedForward(c.hidden_size, c.ffn_multiplier, "gelu", c.hidden_dropout_prob, c.layer_norm_eps)
+                                             c.residual, c.pool_chunk_size, c.decay, c.mixer_options)
+        self.ffn = make_ffn(c.ffn_type, c.hidden_size, c.ffn_multiplier, c.hidden_dropout_prob, c.layer_norm_eps)
 
     def forward(self, h: Tensor, ctx: BlockContext, state: LayerState | None) -> tuple[Tensor, LayerState | None]:
         if self.conv is not None:
             h = h + self.conv(h, ctx.mask, state)
         h = self.attention(h, ctx.positions, ctx.mask, state)
-        return h + self.ffn(h), state
+        return h + self.ffn(h, ctx.mask, state), state
 
     def init_state(self, batch: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
                    ) -> LayerState:
         conv = self.conv.init_state(batch, device, dtype) if self.conv is not None else {}
-        return {**conv, **self.attention.init_state(batch, device, dtype)}
+        return {**conv, **self.attention.init_state(batch, device, dtype), **self.ffn.init_state(batch, device, dtype)}
 
 
 class FastformerPreTrainedModel(RecurrentPreTrainedModel):
@@ -70,7 +70,11 @@ class FastformerPreTrainedModel(RecurrentPreTrainedModel):
             init.zeros_(module.query_score)
             init.zeros_(module.key_score)
             if module.decay == "learned":
-                init.copy_(module.log_slopes, alibi_log_slopes(module.n_heads).repeat(2, 1))
+                init.copy_(module.log_slopes, alibi_log_slopes(module.log_slopes.shape[1]).repeat(2, 1))
+            if module.options.bonus:
+                init.zeros_(module.bonus)
+            if module.options.token_shift:
+                init.constant_(module.time_mix, 0.5)
 
 
 class FastformerModel(FastformerPreTrainedModel, RecurrentModel):

@@ -17,6 +17,8 @@ BLOCK_FLAVOURS: dict[str, tuple[str, int]] = {
     "gelu4": ("gelu", 4),
     "relu3": ("relu", 3),
     "leaky6": ("leaky_relu", 6),
+    "sqrelu4": ("sqrelu", 4),  # squared ReLU (RWKV's channel mix uses it)
+    "channel_mix4": ("channel_mix", 4),  # RWKV's channel mix: token shift, squared ReLU, receptance gate
 }
 
 
@@ -38,7 +40,9 @@ class LeviathanConfig(RecurrentConfig):
     Args (besides ``RecurrentConfig``'s: sizes, positions, dropout, initialisation, special ids):
         dense_lags: the dense lag run 0..dense_lags-1 (before the dilated lags); n_positions bounds the largest lag.
         segment: J, consecutive query/key positions summed into one correlation score.
-        block_flavour: feed-forward block: "gelu4" (4x GELU), "relu3" (3x ReLU) or "leaky6" (6x LeakyReLU).
+        block_flavour: feed-forward block: "gelu4" (4x GELU), "relu3" (3x ReLU), "leaky6" (6x LeakyReLU),
+            "sqrelu4" (4x squared ReLU) or "channel_mix4" (RWKV's channel mix at 4x).
+        output_gate: a sigmoid gate (RWKV's receptance) on the correlation branch, sigmoid(W_r LN(h)) * Corr(LN(h)).
     """
 
     model_type = "leviathan"
@@ -46,6 +50,7 @@ class LeviathanConfig(RecurrentConfig):
     dense_lags: int = 32
     segment: int = 4
     block_flavour: str = "gelu4"
+    output_gate: bool = False
 
     @property
     def lags(self) -> tuple[int, ...]:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from attnfree.layers.correlation import MemberInteraction, MultiHeadedCorrelation
-from attnfree.layers.ffn import FeedForward
+from attnfree.layers.ffn import ChannelMix, FeedForward, make_ffn
 from attnfree.layers.moe import RoutingStats, SparseMoE
 from attnfree.models.base import (
     BlockContext,
@@ -92,25 +92,32 @@ class LeviathanBlock(RecurrentBlock):
         c = config
         self.correlation = MultiHeadedCorrelation(c.hidden_size, c.n_heads, c.lags, c.segment,
                                                   c.hidden_dropout_prob, c.layer_norm_eps)
+        self.gate = nn.Linear(c.hidden_size, c.hidden_size, bias=False) if c.output_gate else None
         self.ffn: nn.Module
         if isinstance(c, LeviathanMoEConfig):
+            if c.ffn_activation == "channel_mix":
+                raise ValueError("LeviathanMoEConfig.block_flavour 'channel_mix4' is not a mixture-of-experts expert")
             self.ffn = SparseMoE(c.hidden_size, c.ffn_multiplier, c.ffn_activation, c.n_experts, c.router_top_k,
                                  c.capacity_factor, c.noise, c.hidden_dropout_prob, c.layer_norm_eps)
         else:
-            self.ffn = FeedForward(c.hidden_size, c.ffn_multiplier, c.ffn_activation, c.hidden_dropout_prob,
-                                   c.layer_norm_eps)
+            self.ffn = make_ffn(c.ffn_activation, c.hidden_size, c.ffn_multiplier, c.hidden_dropout_prob,
+                                c.layer_norm_eps)
 
     def forward(self, h: Tensor, ctx: BlockContext, state: LayerState | None) -> tuple[Tensor, LayerState | None]:
-        h = h + self.correlation(h, ctx.mask, state)
+        branch = self.correlation(h, ctx.mask, state)
+        if self.gate is not None:  # only the mixer's contribution passes the gate
+            branch = torch.sigmoid(self.gate(self.correlation.norm(h))) * branch
+        h = h + branch
         if isinstance(self.ffn, SparseMoE):
             y, stats = self.ffn(h, ctx.mask)
             ctx.reports.append(stats)
             return h + y, state
-        return h + self.ffn(h), state
+        return h + self.ffn(h, ctx.mask, state), state
 
     def init_state(self, batch: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
                    ) -> LayerState:
-        return self.correlation.init_state(batch, device, dtype)
+        ffn = self.ffn.init_state(batch, device, dtype) if isinstance(self.ffn, (FeedForward, ChannelMix)) else {}
+        return {**self.correlation.init_state(batch, device, dtype), **ffn}
 
 
 class LeviathanPreTrainedModel(RecurrentPreTrainedModel):

@@ -38,12 +38,18 @@ def additive_pool(
     initial_state: AdditiveState | None = None,
     output_final_state: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    bonus: Tensor | None = None,
 ) -> tuple[Tensor, AdditiveState | None]:
     """``additive_pool_parallel``'s contract, run by the Triton kernels when ``use_triton(x, scores)`` says so.
 
     With backend 'auto' the kernels take CUDA tensors of float32/bfloat16/float16 with T >= 1 (float64 and
-    empty sequences stay on PyTorch); with 'triton' forced, an unsupported input raises instead.
+    empty sequences stay on PyTorch); with 'triton' forced, an unsupported input raises instead. A current-token
+    bonus runs on PyTorch (the kernels do not take one).
     """
+    if bonus is not None:
+        if get_kernel_backend() == "triton":
+            raise ValueError("kernel backend 'triton' was forced but the kernels take no current-token bonus")
+        return additive_pool_parallel(x, scores, mask, initial_state, output_final_state, chunk_size, bonus)
     if use_triton(x, scores):
         from attnfree.ops.additive.triton import TRITON_DTYPES, additive_pool_triton  # imports triton
 

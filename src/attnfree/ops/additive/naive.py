@@ -14,8 +14,12 @@ def additive_pool_naive(
     mask: Tensor | None = None,
     initial_state: AdditiveState | None = None,
     output_final_state: bool = False,
+    bonus: Tensor | None = None,
 ) -> tuple[Tensor, AdditiveState | None]:
     """g_i = softmax_{j<=i}(a_j) . x_j per head, valid positions only (Fastformer eq. 3-4, causal).
+
+    With ``bonus`` u [H] (RWKV's current-token bonus), the current token enters g_i's softmax with a_i + u_h
+    (and every later one with a_i: the state never holds the bonus).
 
     x: [B, T, H, D], scores: [B, T, H], mask: [B, T] bool (True = real token).
     A previous state (s, z, m) enters as one extra pooled item with score m + log z and value s / z.
@@ -46,8 +50,10 @@ def additive_pool_naive(
                     top = torch.maximum(top, ad[b, i, h])
                 if not items_a:
                     continue  # nothing to pool yet: g_i = 0
-                # 2. g_i = sum_j softmax(a)_j x_j over the items up to i
+                # 2. g_i = sum_j softmax(a)_j x_j over the items up to i (the current one with its bonus)
                 a_vec, x_mat = torch.stack(items_a), torch.stack(items_x)
+                if bonus is not None and valid[b, i]:
+                    a_vec = torch.cat([a_vec[:-1], a_vec[-1:] + bonus[h].double()])
                 out[b, i, h] = torch.softmax(a_vec, dim=0) @ x_mat
             # 3. final state relative to the max real score m: s = sum exp(a - m) x, z = sum exp(a - m)
             if items_a:

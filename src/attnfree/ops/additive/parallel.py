@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnfree.ops.additive.state import AdditiveState, check_inputs, finite_or_zero, safe_divide, state_dtype
+from attnfree.ops.additive.state import (
+    AdditiveState,
+    check_inputs,
+    finite_or_zero,
+    init_additive_state,
+    read_out_bonus,
+    safe_divide,
+    state_dtype,
+)
 
 DEFAULT_CHUNK_SIZE = 32
 
@@ -89,11 +97,13 @@ def additive_pool_parallel(
     initial_state: AdditiveState | None = None,
     output_final_state: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    bonus: Tensor | None = None,
 ) -> tuple[Tensor, AdditiveState | None]:
     """g_i = sum_{j<=i} exp(a_j) x_j / sum_{j<=i} exp(a_j) per head, stable for any score magnitude.
 
     x: [B, T, H, D], scores: [B, T, H], mask: [B, T] bool (True = real token; padding contributes
-    nothing, anywhere in the sequence). Returns g: [B, T, H, D] in x's dtype and, if asked, the state
+    nothing, anywhere in the sequence), bonus: [H] or None (RWKV's u: the current token's weight times e^bonus in
+    the output, not in the state; ``state.read_out``). Returns g: [B, T, H, D] in x's dtype and, if asked, the state
     after the last position (accumulated in float32, or float64 for float64 inputs).
     """
     check_inputs(x, scores, mask, initial_state)
@@ -107,8 +117,18 @@ def additive_pool_parallel(
     # 2. a previous state (prefill continuing, chunked prefill) enters every position
     if initial_state is not None:
         s, z, m = _merge_state(s, z, m, initial_state)
-    # 3. g = s / z (0 where nothing valid was seen), back to [B, T, H, D]
-    g = safe_divide(s, z).transpose(1, 2).to(x.dtype)
+    # 3. g = s / z (0 where nothing valid was seen), back to [B, T, H, D]; with a bonus, from the sums before each
+    # position (the sums at the position before it, the initial state's at the first) and the token itself
+    if bonus is None:
+        g = safe_divide(s, z)
+    else:
+        B, H = S.shape[0], S.shape[1]
+        start = initial_state if initial_state is not None else init_additive_state(B, H, S.shape[-1], acc, S.device)
+        s_prev = torch.cat([start.s.to(acc).unsqueeze(2), s[:, :, :-1]], 2)
+        z_prev = torch.cat([start.z.to(acc).unsqueeze(2), z[:, :, :-1]], 2)
+        m_prev = torch.cat([start.m.to(acc).unsqueeze(2), m[:, :, :-1]], 2)
+        g = read_out_bonus(s_prev, z_prev, m_prev, S, r, bonus.to(acc).unsqueeze(-1))  # bonus [H, 1]: heads first
+    g = g.transpose(1, 2).to(x.dtype)
     # (cloned: a view would keep the whole [B, H, T, D] prefill alive in the decoding cache)
     final = AdditiveState(s[:, :, -1].clone(), z[:, :, -1].clone(), m[:, :, -1].clone()) if output_final_state else None
     return g, final

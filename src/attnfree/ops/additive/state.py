@@ -62,3 +62,18 @@ def check_inputs(x: Tensor, scores: Tensor, mask: Tensor | None, state: Additive
     if state is not None and state.s.shape != (x.shape[0], x.shape[2], x.shape[3]):
         raise ValueError(f"state.s must be [B, H, D] = {(x.shape[0], x.shape[2], x.shape[3])}, "
                          f"got {tuple(state.s.shape)}")
+
+
+def read_out_bonus(s_prev: Tensor, z_prev: Tensor, m_prev: Tensor, x: Tensor, a: Tensor, bonus: Tensor) -> Tensor:
+    """The output with a current-token bonus u (RWKV's u): the current token pooled with weight e^(a + u) beside the
+    sums of everything before it, g = (S_prev + e^(a+u) x) / (Z_prev + e^(a+u)); the state itself never holds u.
+
+    From the sums before the token (s_prev, z_prev relative to m_prev), not by taking the token out of the sums after
+    it: no difference of nearly equal numbers, for any u. Exponents are relative to M = max(m_prev, a + u), so none is
+    positive. s_prev: [..., D], z_prev, m_prev, a: [...] (a = -inf where the position is padding: no current token
+    there), x: [..., D], bonus broadcastable to a. Returns g [..., D] (0 where nothing was pooled).
+    """
+    b = a + bonus.to(a.dtype)
+    top = finite_or_zero(torch.maximum(m_prev, b)).detach()  # a reference point only: it cancels
+    e_prev, e_now = torch.exp(m_prev - top), torch.exp(b - top)
+    return safe_divide(s_prev * e_prev.unsqueeze(-1) + e_now.unsqueeze(-1) * x, z_prev * e_prev + e_now)
