@@ -77,18 +77,24 @@ def _dense_mix(a: Tensor, vh: Tensor, n: int) -> Tensor:
     return o.reshape(B, H, -1, D)[:, :, :T]
 
 
+def _delayed(x: Tensor, tau: int) -> Tensor:
+    """x [B, H, T, D] -> x delayed by tau steps along T (zeros before the start).
+
+    The pad width is the lag itself, a constant of the model, so an exported graph pads by a constant (a pad width
+    computed from T tripped onnxruntime's Pad before 1.29 on short prompts).
+    """
+    return F.pad(x, (0, 0, tau, 0))[:, :, : x.shape[2]]
+
+
 def _sparse_scores(qh: Tensor, kh: Tensor, lags: list[int]) -> Tensor:
     """qh, kh [B, H, T, D] -> [B, H, T, S] with [..., t, i] = <q_t, k_{t - lags[i]}> (0 before the start)."""
-    T = qh.shape[2]
-    cols = [F.pad((qh[:, :, s:] * kh[:, :, : T - s]).sum(-1), (s, 0)) for s in (min(tau, T) for tau in lags)]
+    cols = [(qh * _delayed(kh, tau)).sum(-1) for tau in lags]
     return torch.stack(cols, dim=-1)
 
 
 def _sparse_mix(a: Tensor, vh: Tensor, lags: list[int]) -> Tensor:
     """a [B, H, T, S], vh [B, H, T, D] -> sum_i a[t, i] v_{t - lags[i]}: [B, H, T, D]."""
-    T = vh.shape[2]
-    shifts = [min(tau, T) for tau in lags]
-    terms = [F.pad(a[:, :, s:, i, None] * vh[:, :, : T - s], (0, 0, s, 0)) for i, s in enumerate(shifts)]
+    terms = [a[:, :, :, i, None] * _delayed(vh, tau) for i, tau in enumerate(lags)]
     return torch.stack(terms).sum(0)
 
 
