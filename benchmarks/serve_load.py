@@ -1,8 +1,22 @@
-"""Load test of ``attnfree serve`` on loopback: 1, 8 and 64 concurrent streams, each of a fixed length.
+"""Load test of ``attnfree serve`` on loopback: concurrent streams, a shared prompt header, a long prompt arriving.
 
-    python -m benchmarks.serve_load [--quick] [--out docs/results/serve/load.json] [--streams 1,8,64]
-        [--lengths 64,512] [--model fastformer] [--hidden-size 256] [--layers 4] [--tokenizer gpt2]
-        [--checkpoint RUN_DIR] [--threads 1] [--max-seconds-per-point 300] [--in-process]
+    python -m benchmarks.serve_load [--quick] [--scenarios plain,shared-header,long-prompt]
+        [--out docs/results/serve/load.json] [--streams 1,8,64] [--lengths 64,512] [--model fastformer]
+        [--hidden-size 256] [--layers 4] [--tokenizer gpt2] [--checkpoint RUN_DIR] [--threads 1]
+        [--header-tokens 512] [--long-prompt-tokens 4096] [--fast-streams 8] [--chunks 512,4096]
+        [--max-seconds-per-point 300] [--in-process]
+
+Three scenarios (``--scenarios``, all by default):
+
+- plain: N streams of a fixed length from one short prompt (below);
+- shared-header: N streams whose prompts share a ``--header-tokens`` header (a system prompt, a few-shot header)
+  and differ after it, with the prefix cache on and off. Two requests with the header were served before (the
+  header was in use), so with the cache on each new stream prefills only its own suffix. Reported: time to first
+  token (p50, p99), total tokens/s, prompt tokens prefilled, cache hits;
+- long-prompt: ``--fast-streams`` streams are decoding when one ``--long-prompt-tokens`` prompt arrives, with
+  ``--chunks`` prefill chunk sizes (the largest: the whole prompt in one forward). Reported: the fast streams'
+  inter-token gaps (p50, p99, max) while the long prompt is being prefilled and outside that window, and the
+  long prompt's time to first token.
 
 For each (streams, length) point a fresh server starts (a subprocess, so its peak memory is its own) with
 a random registry model at the given size (or --checkpoint), and N clients POST /generate at once
@@ -40,6 +54,11 @@ from benchmarks.common import Row, ints, print_table, write_json
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["streams", "length", "tokens_per_s_stream", "tokens_per_s_total", "ttft_ms_p50", "ttft_ms_p99",
            "itl_ms_p50", "itl_ms_p99", "idle_rss_mib", "peak_rss_mib", "rss_growth_mib", "state_kib", "wall_s"]
+HEADER_COLUMNS = ["streams", "prefix_cache", "prompt_tokens", "ttft_ms_p50", "ttft_ms_p99", "tokens_per_s_total",
+                  "prefilled_tokens", "cache_hits", "wall_s"]
+LONG_COLUMNS = ["prefill_chunk", "fast_streams", "long_prompt_tokens", "long_ttft_ms", "itl_ms_p50_during",
+                "itl_ms_p99_during", "itl_ms_max_during", "itl_ms_p50_outside", "itl_ms_p99_outside"]
+SCENARIOS = ("plain", "shared-header", "long-prompt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,9 +83,12 @@ def build_app(args: argparse.Namespace) -> Any:
         tokenizer = load_tokenizer(args.tokenizer)
         torch.manual_seed(0)
         size = ModelSize(args.hidden_size, args.heads, args.layers, n_positions=args.n_positions)
-        model = build_model(args.model, size, tokenizer).eval()
+        model = build_model(args.model, size, tokenizer, {"position_embedding_type": args.positions}).eval()
         name = f"{args.model} C={args.hidden_size} layers={args.layers} (random weights)"
-    return create_app(model, tokenizer, name, max_streams=max(ints(args.streams)), max_tokens=args.n_positions)
+    longest = max([*ints(args.lengths), args.header_length, args.long_length])
+    return create_app(model, tokenizer, name, max_streams=max(ints(args.streams)) + args.fast_streams + 2,
+                      max_tokens=longest, prefill_chunk=args.prefill_chunk,
+                      prefix_cache_bytes=int(args.prefix_cache_mib * 2**20))
 
 
 def serve_child(args: argparse.Namespace) -> None:
@@ -85,7 +107,10 @@ def child_argv(args: argparse.Namespace, port: int) -> list[str]:
     argv = [sys.executable, "-m", "benchmarks.serve_load", "--child", "--port", str(port), "--threads",
             str(args.threads), "--streams", args.streams, "--model", args.model, "--hidden-size",
             str(args.hidden_size), "--heads", str(args.heads), "--layers", str(args.layers), "--n-positions",
-            str(args.n_positions), "--tokenizer", args.tokenizer]
+            str(args.n_positions), "--tokenizer", args.tokenizer, "--prefill-chunk", str(args.prefill_chunk),
+            "--positions", args.positions, "--lengths", args.lengths, "--header-length", str(args.header_length),
+            "--long-length", str(args.long_length),
+            "--prefix-cache-mib", str(args.prefix_cache_mib), "--fast-streams", str(args.fast_streams)]
     return argv + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
 
 
@@ -216,6 +241,104 @@ def run_point(args: argparse.Namespace, streams: int, length: int) -> Row:
     return {**row, "model": info["name"], "parameters": info["parameters"]}
 
 
+def header_prompts(tokenizer_name: str, header_tokens: int, n: int) -> list[str]:
+    """n prompts that share a header of ``header_tokens`` tokens (the start of Shakespeare, cut at a token) and
+    then differ (a request number)."""
+    from attnfree.data import load_tokenizer
+    from attnfree.data.fetch import packaged_text
+
+    tokenizer = load_tokenizer(tokenizer_name)
+    header = tokenizer.decode(tokenizer.encode(packaged_text("tinyshakespeare/input.txt")[:20 * header_tokens])
+                              [:header_tokens])
+    return [f"{header}\n\nRequest {i}: continue." for i in range(n)]
+
+
+async def shared_header(url: str, streams: int, length: int, prompts: list[str], timeout: float) -> Row:
+    """Two requests with the header first (served one after the other: the second leaves the header's state in the
+    cache, where the two diverge), then ``streams`` concurrent streams with prompts[2:]."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        for prompt in prompts[:2]:
+            warm = {"prompt": prompt, "max_tokens": 1, "ignore_eos": True, "stream": False}
+            (await client.post(f"{url}/generate", json=warm)).raise_for_status()
+        before = (await client.get(f"{url}/stats")).json()
+        bodies = [{"prompt": p, "max_tokens": length, "temperature": 1.0, "top_k": 40, "seed": i,
+                   "ignore_eos": True} for i, p in enumerate(prompts[2:2 + streams])]
+        t0 = time.perf_counter()
+        runs = await asyncio.wait_for(asyncio.gather(*(one_stream(url, b) for b in bodies)), timeout)
+        wall = time.perf_counter() - t0
+        after = (await client.get(f"{url}/stats")).json()
+    ttft = [(s[0] - start) * 1e3 for start, s in runs if s]
+    return {"streams": streams, "length": length, "ttft_ms_p50": percentile(ttft, 50),
+            "ttft_ms_p99": percentile(ttft, 99), "tokens_per_s_total": sum(len(s) for _, s in runs) / wall,
+            "prefilled_tokens": after["prefill_tokens"] - before["prefill_tokens"],
+            "cache_hits": after["prefix_cache_hits"] - before["prefix_cache_hits"], "wall_s": wall}
+
+
+async def long_prompt_arrives(url: str, fast: int, length: int, long_prompt: str, timeout: float) -> Row:
+    """``fast`` streams decode; once each has made a few tokens, one long prompt arrives (8 new tokens). The fast
+    streams' gaps are split by whether they overlap the window from the long request to its first token."""
+    bodies = [{"prompt": "The meaning of life is", "max_tokens": length, "temperature": 1.0, "top_k": 40,
+               "seed": i, "ignore_eos": True} for i in range(fast)]
+    import httpx
+
+    tasks = [asyncio.create_task(one_stream(url, b)) for b in bodies]
+    async with httpx.AsyncClient() as client:  # wait until the fast streams are decoding (16 tokens each)
+        while (await client.get(f"{url}/stats")).json()["tokens"] < 16 * fast:
+            await asyncio.sleep(0.01)
+    sent = time.perf_counter()
+    _, long_stamps = await asyncio.wait_for(
+        one_stream(url, {"prompt": long_prompt, "max_tokens": 8, "ignore_eos": True, "greedy": True}), timeout)
+    runs = await asyncio.wait_for(asyncio.gather(*tasks), timeout)
+    first = long_stamps[0]
+    during, outside = [], []
+    for _, stamps in runs:
+        for a, b in zip(stamps, stamps[1:]):
+            (during if b > sent and a < first else outside).append((b - a) * 1e3)
+    if not during or not all(s[-1] > first for _, s in runs):
+        raise RuntimeError("the fast streams ended before the long prompt's first token: use a larger --lengths")
+    return {"fast_streams": fast, "long_ttft_ms": (first - sent) * 1e3,
+            "itl_ms_p50_during": percentile(during, 50), "itl_ms_p99_during": percentile(during, 99),
+            "itl_ms_max_during": max(during), "itl_ms_p50_outside": percentile(outside, 50),
+            "itl_ms_p99_outside": percentile(outside, 99)}
+
+
+def run_shared_header(args: argparse.Namespace) -> list[Row]:
+    from attnfree.data import load_tokenizer
+
+    streams = ints(args.streams)
+    prompts = header_prompts(args.tokenizer, args.header_tokens, max(streams) + 2)
+    tokens = len(load_tokenizer(args.tokenizer).encode(prompts[2]))
+    rows = []
+    for cache_mib in (64.0, 0.0):
+        for n in streams:
+            point = argparse.Namespace(**{**vars(args), "prefix_cache_mib": cache_mib})
+            with server(point) as (url, _):
+                row = asyncio.run(shared_header(url, n, args.header_length, prompts, args.max_seconds_per_point))
+            rows.append({**row, "prefix_cache": "on" if cache_mib else "off", "prompt_tokens": tokens})
+            print(f"shared header, {n} streams, cache {rows[-1]['prefix_cache']}: ttft p50 "
+                  f"{row['ttft_ms_p50']:.1f} ms, {row['prefilled_tokens']} tokens prefilled", flush=True)
+    return rows
+
+
+def run_long_prompt(args: argparse.Namespace) -> list[Row]:
+    from attnfree.data import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    long_prompt = header_prompts(args.tokenizer, args.long_prompt_tokens, 1)[0]
+    rows = []
+    for chunk in ints(args.chunks):
+        point = argparse.Namespace(**{**vars(args), "prefill_chunk": chunk})
+        with server(point) as (url, _):
+            row = asyncio.run(long_prompt_arrives(url, args.fast_streams, args.long_length, long_prompt,
+                                                  args.max_seconds_per_point))
+        rows.append({"prefill_chunk": chunk, "long_prompt_tokens": len(tokenizer.encode(long_prompt)), **row})
+        print(f"long prompt, chunk {chunk}: fast streams' gap p99 {row['itl_ms_p99_during']:.1f} ms while it "
+              f"prefills ({row['itl_ms_p99_outside']:.1f} ms outside)", flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Plot and main
 # ----------------------------------------------------------------------------------------------
@@ -258,19 +381,35 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--n-positions", type=int, default=1024)
+    p.add_argument("--positions", default="none", choices=("none", "learned"),
+                   help="the model's position embedding (default: none, no length limit)")
+    p.add_argument("--n-positions", type=int, default=1024, help="with --positions learned: the longest sequence")
     p.add_argument("--tokenizer", default="gpt2", help="byte, gpt2 (default, from the data bundle), ...")
     p.add_argument("--checkpoint", default=None, help="serve this checkpoint instead of a random model")
     p.add_argument("--prompt", default="The meaning of life is", help="every stream's prompt")
     p.add_argument("--threads", type=int, default=1, help="the server's torch threads (default: 1)")
     p.add_argument("--max-seconds-per-point", type=float, default=300.0)
     p.add_argument("--in-process", action="store_true", help="serve from a thread of this process (tests)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"any of {', '.join(SCENARIOS)} (default: all)")
+    p.add_argument("--header-tokens", type=int, default=512, help="shared-header: the header's length in tokens")
+    p.add_argument("--header-length", type=int, default=64, help="shared-header: tokens each stream makes")
+    p.add_argument("--long-prompt-tokens", type=int, default=4096, help="long-prompt: the long prompt's tokens")
+    p.add_argument("--long-length", type=int, default=1024, help="long-prompt: tokens each fast stream makes")
+    p.add_argument("--fast-streams", type=int, default=8, help="long-prompt: streams decoding when it arrives")
+    p.add_argument("--chunks", default="512,4096", help="long-prompt: prefill chunk sizes to compare")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="the server's prefill chunk (plain, shared-header)")
+    p.add_argument("--prefix-cache-mib", type=float, default=64.0, help="the server's prefix cache (plain)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.streams, args.lengths = "1,4", "8,32"
         args.hidden_size, args.heads, args.layers, args.n_positions, args.tokenizer = 32, 2, 2, 128, "byte"
+        args.header_tokens, args.header_length, args.long_prompt_tokens, args.long_length = 64, 8, 512, 2000
+        args.fast_streams, args.chunks = 2, "32,512"
+    unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
     return args
 
 
@@ -279,18 +418,27 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.child:
         serve_child(args)
         return []
-    rows = []
-    for length in ints(args.lengths):
-        for streams in ints(args.streams):
-            rows.append(run_point(args, streams, length))
-            print(f"streams={streams} length={length}: {rows[-1]['tokens_per_s_total']:.1f} tokens/s total, "
-                  f"RSS +{rows[-1]['rss_growth_mib']:.1f} MiB over idle", flush=True)
-    table = print_table(rows, COLUMNS)
+    scenarios = args.scenarios.split(",")
+    rows: list[Row] = []
+    payload: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "port")}}
+    if "plain" in scenarios:
+        for length in ints(args.lengths):
+            for streams in ints(args.streams):
+                rows.append(run_point(args, streams, length))
+                print(f"streams={streams} length={length}: {rows[-1]['tokens_per_s_total']:.1f} tokens/s total, "
+                      f"RSS +{rows[-1]['rss_growth_mib']:.1f} MiB over idle", flush=True)
+        payload |= {"rows": rows, "table": print_table(rows, COLUMNS)}
+    if "shared-header" in scenarios:
+        header = run_shared_header(args)
+        payload |= {"shared_header": header, "shared_header_table": print_table(header, HEADER_COLUMNS)}
+    if "long-prompt" in scenarios:
+        long = run_long_prompt(args)
+        payload |= {"long_prompt": long, "long_prompt_table": print_table(long, LONG_COLUMNS)}
     out = Path(args.out)
-    settings = {k: v for k, v in vars(args).items() if k not in ("child", "port")}
-    write_json(out, {"settings": settings, "rows": rows, "table": table})
-    plot(out.with_suffix(".png"), rows)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    write_json(out, payload)
+    if rows:
+        plot(out.with_suffix(".png"), rows)
+    print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if rows else ""))
     return rows
 
 

@@ -338,8 +338,9 @@ def _recall_parser(sub: Any) -> None:
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (streaming, OpenAI-style, a web page)",
                        description="Start an HTTP server: GET / (a page to try the model), POST /generate (server-sent "
-                       "events), POST /v1/completions (OpenAI-style), GET /info, /stats, /health. Many streams share "
-                       "one process with continuous batching, each holding only its constant-size state.")
+                       "events), POST /v1/completions and /v1/chat/completions (OpenAI's API, strict), GET /v1/models, "
+                       "/info, /stats, /health. Many streams share one process with continuous batching, each holding "
+                       "only its constant-size state; prompts sharing a prefix reuse its state.")
     p.add_argument("checkpoint", help="a run folder or one of its checkpoint-N folders")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -349,6 +350,12 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens per request (default: 1024)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--name", default=None, help="model name shown by /info and /v1/models (default: the folder name)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                   "and the page (default: $ATTNFREE_API_KEY; none: open)")
+    p.add_argument("--prefix-cache-mib", type=float, default=64, help="memory for the states of recent prompt "
+                   "prefixes, reused by requests that share them (default: 64; 0: off)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward: a long prompt "
+                   "delays running streams by at most one chunk (default: 512)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     p.set_defaults(func=cmd_serve)
 
@@ -357,7 +364,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from attnfree.inference.serve.app import serve_checkpoint
 
     serve_checkpoint(ns.checkpoint, host=ns.host, port=ns.port, max_streams=ns.max_streams, max_queue=ns.max_queue,
-                     max_tokens=ns.max_tokens, threads=ns.threads, name=ns.name, log_level=ns.log_level)
+                     max_tokens=ns.max_tokens, threads=ns.threads, name=ns.name, log_level=ns.log_level,
+                     api_key=ns.api_key, prefix_cache_mib=ns.prefix_cache_mib, prefill_chunk=ns.prefill_chunk)
     return 0
 
 

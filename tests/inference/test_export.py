@@ -379,5 +379,8 @@ def test_numpy_sampling_rules():
     assert set(pick_next(logits, NpSampling(top_p=0.7), rng).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
     draws = pick_next(logits, NpSampling(), rng)
     np.testing.assert_allclose(np.bincount(draws, minlength=4) / len(draws), [0.5, 0.3, 0.15, 0.05], atol=0.04)
+    for temperature in (5e-324, 1e300):  # no NaN at either end: greedy among the ties, or uniform
+        picks = pick_next(np.array([[0.5, 2.0, -1.0, 2.0]] * 400), NpSampling(temperature), rng)
+        assert set(picks.tolist()) == ({1, 3} if temperature < 1 else {0, 1, 2, 3})
     with pytest.raises(ValueError, match="top_p"):
         NpSampling(top_p=0.0)

@@ -56,3 +56,16 @@ def test_greedy_is_the_first_largest_logit() -> None:
     logits = torch.tensor([[0.0, 2.0, 2.0], [5.0, 1.0, 5.0]])
     assert sample(logits, Sampling(greedy=True)).tolist() == [1, 0]
     assert distribution(logits, Sampling(greedy=True)).argmax(-1).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e300], ids=["subnormal", "tiny", "huge"])
+def test_extreme_temperatures_give_a_distribution_not_nan(temperature: float) -> None:
+    """Any temperature > 0 is a valid request (the server takes it): a tiny one is greedy among the largest logits,
+    a huge one is uniform; dividing the raw logits would make inf - inf = NaN (found by fuzzing the server)."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 2.0]])
+    s = Sampling(temperature)
+    probs, _ = candidate_probs(logits, s)
+    expected = [0.0, 0.5, 0.0, 0.5] if temperature < 1 else [0.25] * 4
+    assert_close("probs", probs[0].double(), torch.tensor(expected, dtype=torch.float64))
+    assert_close("reference", distribution(logits, s)[0], torch.tensor(expected, dtype=torch.float64))
+    assert int(sample(logits, s, torch.Generator().manual_seed(0))) in ((1, 3) if temperature < 1 else range(4))

@@ -137,7 +137,7 @@ def test_engine_streams_joining_late_match_each_alone(name: str) -> None:
     assert engine.stats()["active_streams"] == 0
 
 
-def test_engine_prefills_equal_lengths_together_with_the_same_results() -> None:
+def test_engine_prefills_prompts_of_any_lengths_together_with_the_same_results() -> None:
     model = tiny("leviathan", n_positions=64)
     engine = Engine(model, TOK, max_streams=8, max_tokens=32)
     prompts = ["abcd", "wxyz", "1234", "ab", "cd"]
@@ -153,7 +153,7 @@ def test_engine_prefills_equal_lengths_together_with_the_same_results() -> None:
             engine.stop()
 
     assert asyncio.run(run()) == [reference(model, p, 20, eos=False) for p in prompts]
-    assert engine.counters["prefills"] == 2  # one forward per prompt length
+    assert engine.counters["prefills"] == 1  # one left-padded forward for prompts of two lengths
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(url: str) -> None:
 
 @pytest.mark.parametrize(("path", "body", "status", "param"), [
     ("/generate", {"prompt": "x", "max_tokens": -1}, 422, "max_tokens"),
-    ("/generate", {"prompt": "x", "max_tokens": 1001}, 400, "max_tokens"),
+    ("/generate", {"prompt": "x", "max_tokens": 1001}, 422, "max_tokens"),
     ("/generate", {"prompt": "x", "temperature": 0}, 422, "temperature"),
     ("/generate", {"prompt": "x", "top_p": 1.5}, 422, "top_p"),
     ("/generate", {"prompt": "x", "top_k": -3}, 422, "top_k"),
@@ -282,12 +282,17 @@ def test_seeded_sampling_does_not_depend_on_the_batch(url: str) -> None:
     ("/v1/completions", {"prompt": "x", "temperature": 2.5}, 422, "temperature"),
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": [1, 999]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 422, "prompt"),
+    ("/v1/completions", {"prompt": [1, 999]}, 422, "prompt"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 3.5}, 422, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "stop": ""}, 422, "stop"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4o"}, 404, "model"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_requests_name_the_field(url: str, path: str, body: dict[str, Any], status: int, param: str) -> None:
+    """422: the body breaks the schema (which states the server's limits); 400: a limit no schema can state (a text
+    prompt's length in tokens, the context) or an OpenAI option this server does not implement."""
     reply = httpx.post(f"{url}{path}", json=body)
     error = reply.json()["error"]
     assert reply.status_code == status, error
@@ -341,6 +346,15 @@ def test_load_benchmark_quick(tmp_path: Any) -> None:
     by_point = {(r["streams"], r["length"]): r["state_kib"] for r in rows}
     assert by_point[(4, 8)] == by_point[(4, 32)] == 4 * by_point[(1, 8)]
     assert out.with_suffix(".png").stat().st_size > 0
+    # shared header: with the cache each stream prefills only its suffix, without it the whole prompt
+    header = {(r["streams"], r["prefix_cache"]): r for r in json.loads(out.read_text())["shared_header"]}
+    for n in (1, 4):
+        on, off = header[(n, "on")], header[(n, "off")]
+        assert on["cache_hits"] == n and off["cache_hits"] == 0
+        assert off["prefilled_tokens"] == n * off["prompt_tokens"] and on["prefilled_tokens"] <= n * 16
+    # a long prompt arriving: measured for each chunk size, with gaps during and outside its prefill
+    long = json.loads(out.read_text())["long_prompt"]
+    assert [r["prefill_chunk"] for r in long] == [32, 512] and all(r["itl_ms_max_during"] > 0 for r in long)
 
 
 def test_cli_serve_checks_its_arguments(tmp_path: Path, capsys: Any) -> None:

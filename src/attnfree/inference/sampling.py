@@ -43,8 +43,9 @@ def distribution(logits: Tensor, sampling: Sampling) -> Tensor:
     """Reference: logits [B, V] -> the probabilities [B, V] (float64) that ``sample_rows`` draws from, row by row:
 
     greedy puts all mass on the first largest logit; otherwise rank the logits (a stable descending sort), keep the
-    first top_k, divide by the temperature, keep the candidates whose preceding mass is at most top_p (so at least
-    the first), and renormalise over what is kept.
+    first top_k, subtract the largest and divide by the temperature (so a tiny temperature gives -inf, not inf - inf),
+    keep the candidates whose preceding mass is at most top_p (so at least the first), and renormalise over what is
+    kept.
     """
     x = logits.double()
     probs = torch.zeros_like(x)
@@ -55,10 +56,11 @@ def distribution(logits: Tensor, sampling: Sampling) -> Tensor:
             continue
         if sampling.top_k:
             ranked = ranked[: sampling.top_k]
+        scaled = (x[b] - x[b].max()) / sampling.temperature  # [V]
         if sampling.top_p < 1.0:
-            p = torch.softmax(x[b, ranked] / sampling.temperature, dim=0)
+            p = torch.softmax(scaled[ranked], dim=0)
             ranked = ranked[torch.cumsum(p, 0) - p <= sampling.top_p]
-        probs[b, ranked] = torch.softmax(x[b, ranked] / sampling.temperature, dim=0)
+        probs[b, ranked] = torch.softmax(scaled[ranked], dim=0)
     return probs
 
 
@@ -79,14 +81,16 @@ def candidate_probs(logits: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor 
     """logits [G, V] -> (probs [G, K], ids [G, K] or None when K = V and the ids are the positions).
 
     1. top-k: the k largest logits, sorted (K = k); otherwise all V
-    2. divide by the temperature
+    2. subtract the largest logit and divide by the temperature (no NaN for any temperature > 0: the largest is 0,
+       the others at worst -inf; a temperature below float32's smallest normal number counts as that number,
+       which is already greedy up to ties)
     3. top-p: on the sorted candidates, drop those after the smallest prefix whose mass reaches top_p
     4. softmax over what is left (dropped candidates get probability 0)
     """
     x, ids = logits.float(), None
     if sampling.top_k and sampling.top_k < x.shape[-1]:
         x, ids = top_k_stable(x, sampling.top_k)  # sorted, largest first
-    x = x / sampling.temperature
+    x = (x - x.max(-1, keepdim=True).values) / max(sampling.temperature, torch.finfo(x.dtype).tiny)
     if sampling.top_p < 1.0:
         if ids is None:
             x, ids = torch.sort(x, descending=True, dim=-1, stable=True)

@@ -1,20 +1,28 @@
-"""A generation engine for many concurrent streams in one process, with continuous batching.
+"""A generation engine for many concurrent streams in one process: continuous batching, chunked prefill that
+shares the machine with decoding, exact prefix-state caching, and back-pressure for slow readers.
 
-Each request is prefilled (the whole prompt in one parallel forward; waiting prompts of equal length
-share that forward), then joins the set of active streams. One background thread runs the loop
+One background thread loops:
 
-    1. drop streams that were cancelled (their state rows leave the batch)
-    2. admit waiting requests: prefill them, sample their first tokens, concatenate their states to the batch
-    3. one batched step: feed every active stream's last token [B, 1] with the batched RecurrentCache,
-       then sample each row with that stream's own sampling parameters and random generator
-       (``attnfree.inference.sampling``); streams that just finished leave the batch at once
+    1. drop streams that finished or were cancelled (their state rows leave the batch); pause streams whose
+       reader is ``max_buffered`` events behind (their state leaves the batch, kept aside) and resume those that
+       caught up, so a slow reader never holds the others back and never makes the server buffer without bound
+    2. admit waiting requests into free slots: each prompt starts from the state of its longest prefix in the
+       prefix cache (``prefix_cache.py``), and its prefill is planned to stop where it diverges from a cached
+       prompt, so that the state at that point is cached too (a shared header is then prefilled once)
+    3. one prefill chunk: of the prompts being prefilled, a group of at most ``prefill_chunk`` tokens each: new
+       prompts of any lengths together (left-padded: the models give a padded row exactly its own values), or
+       continuations of one chunk length together; a prompt whose prefill is done gets its first token and joins
+       the decoding batch. One chunk per iteration: a long prompt never stalls running streams for longer
+    4. one batched step for every running stream, each row sampled with its own settings and random generator
+       (``inference.sampling``); streams that finished leave the batch at once
 
-A stream's state is the model's recurrent state: constant size, whatever the prompt or output length, so
-memory grows with the number of streams, never with their lengths. Results do not depend on the batch a
-stream shares (each row of a recurrent step only reads its own state), which the tests check token by token.
+A stream's state is the model's recurrent state: constant size, whatever the prompt or output length, so memory
+grows with the number of streams, never with their lengths. Results do not depend on the company a stream keeps
+(each row of a recurrent step reads only its own state) nor on the prefix cache (a state taken from the cache is the
+state its prefix would have produced); the tests check both token by token.
 
-Events go from the worker thread to the asyncio server through ``loop.call_soon_threadsafe``: the model
-never runs on the event loop.
+Events go from the worker thread to the asyncio server through ``loop.call_soon_threadsafe``: the model never runs
+on the event loop.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from torch import Tensor
 
 from attnfree.data import TextTokenizer
 from attnfree.inference.sampling import Sampling, sample_rows
+from attnfree.inference.serve.prefix_cache import PrefixCache
 from attnfree.models.cache import RecurrentCache
 from attnfree.models.compat import output_cache
 from attnfree.models.registry import max_positions
@@ -158,6 +167,12 @@ class Stream:
     created: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     stop: StopText = field(default_factory=lambda: StopText(()))
+    sent: int = 0  # events the worker sent
+    delivered: int = 0  # events the reader took: sent - delivered is what waits for a slow reader
+    cache: RecurrentCache | None = None  # this stream's own state while it is prefilled or paused
+    prompt_pos: int = 0  # prompt tokens in that state
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    snapshots: list[int] = field(default_factory=list)  # prompt lengths whose state goes into the prefix cache
 
     def cancel(self) -> None:
         """The client went away: the worker drops this stream (and frees its state) at its next iteration."""
@@ -167,13 +182,23 @@ class Stream:
     def finished(self) -> bool:
         return self.finish_reason is not None or self.cancelled.is_set()
 
+    async def next_event(self) -> Event:
+        """The next event (counted as delivered: the engine paces the stream by what its reader took)."""
+        event = await self.queue.get()
+        self.delivered += 1
+        return event
+
     async def events(self) -> AsyncIterator[Event]:
         """Events until (and including) the final "done" or "error" event."""
         while True:
-            event = await self.queue.get()
+            event = await self.next_event()
             yield event
             if event.kind != "token":
                 return
+
+    @property
+    def backlog(self) -> int:
+        return self.sent - self.delivered
 
     def stats(self) -> dict[str, Any]:
         now = time.perf_counter()
@@ -187,6 +212,7 @@ class Stream:
             "tokens_per_s": round((self.generated - 1) / decode_s, 3) if self.generated > 1 and decode_s > 0 else None,
             "seed": self.seed,
             "state_bytes": self.state_bytes,
+            "cached_prompt_tokens": self.cached_tokens,
         }
 
 
@@ -196,33 +222,43 @@ class Stream:
 
 
 class Engine:
-    """Serves many generation streams from one model with continuous batching (see the module docstring).
+    """Serves many generation streams from one model (see the module docstring).
 
-    max_streams: streams decoded at once (each holds one constant-size state); max_queue: requests that may
-    wait for a slot (beyond both, ``submit`` raises EngineFull); max_tokens: the most new tokens one request
-    may ask for; max_prompt_tokens: the longest prompt (default: the model's position limit, if any).
+    max_streams: streams held at once (prefilling, decoding or paused; each holds one constant-size state);
+    max_queue: requests that may wait for a slot (beyond both, ``submit`` raises EngineFull); max_tokens: the most
+    new tokens one request may ask for; max_prompt_tokens: the longest prompt (default: the model's position limit,
+    if any); prefill_chunk: prompt tokens per stream per prefill forward; max_buffered: events a reader may be
+    behind before its stream pauses; prefix_cache_bytes: the prefix cache's budget (0: no cache).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: TextTokenizer, max_streams: int = 64, max_queue: int = 0,
-                 max_tokens: int = 1024, max_prompt_tokens: int | None = None):
+                 max_tokens: int = 1024, max_prompt_tokens: int | None = None, prefill_chunk: int = 512,
+                 max_buffered: int = 64, prefix_cache_bytes: int = 64 * 2**20):
         for name, value, low in (("max_streams", max_streams, 1), ("max_queue", max_queue, 0),
-                                 ("max_tokens", max_tokens, 1)):
-            if not isinstance(value, int) or value < low:
+                                 ("max_tokens", max_tokens, 1), ("prefill_chunk", prefill_chunk, 1),
+                                 ("max_buffered", max_buffered, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = next(model.parameters()).device
         self.max_streams, self.max_queue, self.max_tokens = max_streams, max_queue, max_tokens
+        self.prefill_chunk, self.max_buffered = prefill_chunk, max_buffered
         self.context_limit = max_positions(model)  # type: ignore[arg-type]
         self.max_prompt_tokens = max_prompt_tokens or self.context_limit
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.state_bytes_per_stream = self._probe_state_bytes()
-        self._cond = threading.Condition()
-        self._pending: collections.deque[Stream] = collections.deque()
-        self._active: list[Stream] = []
-        self._cache: RecurrentCache | None = None  # batch row i belongs to self._active[i]
+        self._cond = threading.RLock()
+        self._wake = threading.Condition(self._cond)
+        self._pending: collections.deque[Stream] = collections.deque()  # waiting for a slot
+        self._prefilling: list[Stream] = []  # admitted, prompt not yet all in their state
+        self._running: list[Stream] = []  # decoding: batch row i of self._cache belongs to self._running[i]
+        self._paused: list[Stream] = []  # reader behind: state aside in stream.cache
+        self._cache: RecurrentCache | None = None
         self._thread: threading.Thread | None = None
-        self._running = False
+        self._alive = False
         self.counters = {"requests": 0, "rejected_full": 0, "completed": 0, "cancelled": 0, "errors": 0,
-                         "tokens": 0, "steps": 0, "prefills": 0, "peak_active": 0, "peak_state_bytes": 0}
+                         "tokens": 0, "steps": 0, "prefills": 0, "prefill_tokens": 0, "pauses": 0,
+                         "peak_active": 0, "peak_state_bytes": 0}
 
     @torch.inference_mode()
     def _probe_state_bytes(self) -> int:
@@ -238,14 +274,14 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._running = True
+        self._alive = True
         self._thread = threading.Thread(target=self._run, name="attnfree-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        with self._cond:
-            self._running = False
-            self._cond.notify_all()
+        with self._wake:
+            self._alive = False
+            self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
@@ -275,126 +311,203 @@ class Engine:
         loop = loop or asyncio.get_running_loop()
         seed = request.seed if request.seed is not None else random.SystemRandom().randrange(2**63)
         stream = Stream(request, loop, IncrementalDecoder(self.tokenizer), seed=seed, stop=StopText(request.stop),
-                        generator=torch.Generator(self.device).manual_seed(seed))
-        with self._cond:
-            if not self._running:
+                        generator=torch.Generator(self.device).manual_seed(seed % 2**64))  # any integer
+        with self._wake:
+            if not self._alive:
                 raise RuntimeError("the engine is not running (call start())")
-            if len(self._active) + len(self._pending) >= self.max_streams + self.max_queue:
+            if self._held() + len(self._pending) >= self.max_streams + self.max_queue:
                 self.counters["rejected_full"] += 1
                 raise EngineFull(f"all {self.max_streams} streams are busy"
                                  + (f" and {self.max_queue} requests wait" if self.max_queue else "")
                                  + "; retry later")
             self.counters["requests"] += 1
             self._pending.append(stream)
-            self._cond.notify_all()
+            self._wake.notify_all()
         return stream
+
+    def _held(self) -> int:
+        return len(self._prefilling) + len(self._running) + len(self._paused)
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            active, pending = len(self._active), len(self._pending)
-            total = self._cache.nbytes() if self._cache is not None else 0
-            return {"active_streams": active, "queued_streams": pending, "max_streams": self.max_streams,
+            total = (self._cache.nbytes() if self._cache is not None else 0) + sum(
+                s.cache.nbytes() for s in self._prefilling + self._paused if s.cache is not None)
+            return {"active_streams": self._held(), "queued_streams": len(self._pending),
+                    "prefilling_streams": len(self._prefilling), "decoding_streams": len(self._running),
+                    "paused_streams": len(self._paused), "max_streams": self.max_streams,
                     "state_bytes_per_stream": self.state_bytes_per_stream, "state_bytes_total": total,
-                    **self.counters}
+                    **self.counters, **self.prefix_cache.stats()}
 
     # -- the worker loop --------------------------------------------------------------------------
 
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
-                with self._cond:
-                    while self._running and not self._active and not self._pending:
-                        self._cond.wait(timeout=1.0)
-                    if not self._running:
+                with self._wake:
+                    while self._alive and not self._work():
+                        self._wake.wait(timeout=0.05)
+                    if not self._alive:
                         break
                 try:
                     self._iteration()
                 except Exception as error:  # a bug must not leave every client waiting forever
                     self._fail_all(error)
-        for stream in self._active + list(self._pending):  # shutting down: tell whoever still listens
+        for stream in list(self._pending) + self._prefilling + self._running + self._paused:  # shutting down
             self._send(stream, Event("error", text="the server is shutting down", finish_reason="error"))
 
+    def _work(self) -> bool:
+        """Anything to do now (paused streams only count once their reader caught up)."""
+        resumable = any(s.finished or s.backlog < self.max_buffered // 2 for s in self._paused)
+        return bool(self._pending or self._prefilling or self._running or resumable)
+
     def _iteration(self) -> None:
-        # 1. finished or cancelled streams leave the batch
+        self._drop_finished()  # 1.
+        self._pace()
+        self._admit()  # 2.
+        self._prefill_step()  # 3.
         self._drop_finished()
-        # 2. admit waiting requests into free slots (prefill each, first token)
-        joined = self._admit()
-        if joined:
-            with self._cond:
-                caches = [c for _, c in joined] if self._cache is None else [self._cache, *(c for _, c in joined)]
-                self._cache = RecurrentCache.concat(caches)
-                self._active.extend(s for group, _ in joined for s in group)
-                self._note_peaks()
-            self._drop_finished()  # max_tokens=1, or eos right away
-        # 3. one batched step for every active stream; streams it finished leave at once
-        if self._active:
+        if self._running:  # 4.
             self._step()
             self._drop_finished()
 
-    def _note_peaks(self) -> None:
-        c = self.counters
-        c["peak_active"] = max(c["peak_active"], len(self._active))
-        c["peak_state_bytes"] = max(c["peak_state_bytes"], self._cache.nbytes() if self._cache is not None else 0)
-
     def _drop_finished(self) -> None:
         with self._cond:
-            for s in [s for s in self._pending if s.cancelled.is_set()]:
-                self._pending.remove(s)
-                self.counters["cancelled"] += 1
-            keep = [i for i, s in enumerate(self._active) if not s.finished]
-            if len(keep) == len(self._active):
+            for group in (self._pending, self._prefilling, self._paused):
+                for s in [s for s in group if s.finished]:
+                    group.remove(s)
+                    self._count_end(s)
+            keep = [i for i, s in enumerate(self._running) if not s.finished]
+            if len(keep) == len(self._running):
                 return
-            for s in self._active:
-                if s.cancelled.is_set() and s.finish_reason is None:
-                    self.counters["cancelled"] += 1
-            self._active = [self._active[i] for i in keep]
+            for s in self._running:
+                if s.finished:
+                    self._count_end(s)
+            self._running = [self._running[i] for i in keep]
             assert self._cache is not None
             self._cache = self._cache.select(keep) if keep else None
 
-    def _admit(self) -> list[tuple[list[Stream], RecurrentCache]]:
-        """Take waiting requests into free slots: prefill those of one prompt length together, first tokens."""
-        with self._cond:
-            room = self.max_streams - len(self._active)
-            taken = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-        by_length: dict[int, list[Stream]] = {}
-        for stream in taken:
-            by_length.setdefault(len(stream.request.prompt_ids), []).append(stream)
-        joined = []
-        for group in by_length.values():
-            try:
-                cache, logits = self._prefill(group)  # logits: [G, V]
-            except Exception as error:  # a bad request must not stop the others
-                for stream in group:
-                    self._fail(stream, error)
-                continue
-            tokens = sample_rows(logits, [s.request.sampling for s in group], [s.generator for s in group])
-            for stream, token in zip(group, tokens, strict=True):
-                stream.state_bytes = cache.nbytes() // len(group)
-                self._emit(stream, token)
-            joined.append((group, cache))
-        return joined
+    def _count_end(self, stream: Stream) -> None:
+        if stream.cancelled.is_set() and stream.finish_reason is None:
+            self.counters["cancelled"] += 1
+        stream.cache = None
 
-    def _prefill(self, group: list[Stream]) -> tuple[RecurrentCache, Tensor]:
-        """Prompts of one length in one parallel forward: their state (batch G) and last-position logits [G, V]."""
-        ids = torch.tensor([s.request.prompt_ids for s in group], device=self.device)  # [G, T]
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    def _pace(self) -> None:
+        """Back-pressure: a running stream whose reader is max_buffered events behind leaves the batch (its state
+        kept aside); it rejoins once the reader is within half of that."""
+        with self._cond:
+            behind = [i for i, s in enumerate(self._running) if s.backlog >= self.max_buffered]
+            if behind and self._cache is not None:
+                for i in behind:
+                    self._running[i].cache = self._cache.select([i])
+                    self._paused.append(self._running[i])
+                    self.counters["pauses"] += 1
+                keep = [i for i in range(len(self._running)) if i not in set(behind)]
+                self._running = [self._running[i] for i in keep]
+                self._cache = self._cache.select(keep) if keep else None
+            ready = [s for s in self._paused if s.backlog < self.max_buffered // 2]
+            for s in ready:
+                self._paused.remove(s)
+                self._join(s)
+
+    def _join(self, stream: Stream) -> None:
+        """Put a stream whose state is in ``stream.cache`` into the decoding batch."""
+        assert stream.cache is not None
+        self._cache = stream.cache if self._cache is None else RecurrentCache.concat([self._cache, stream.cache])
+        stream.cache = None
+        self._running.append(stream)
+        c = self.counters
+        c["peak_active"] = max(c["peak_active"], self._held())
+        c["peak_state_bytes"] = max(c["peak_state_bytes"], self._cache.nbytes())
+
+    def _admit(self) -> None:
+        """Waiting requests into free slots, each starting from its longest prefix in the prefix cache."""
+        with self._cond:
+            room = self.max_streams - self._held()
+            taken = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+        for stream in taken:
+            prompt = stream.request.prompt_ids
+            stream.prompt_pos, stream.cache = self.prefix_cache.lookup(prompt)
+            stream.cached_tokens = stream.prompt_pos
+            branch = self.prefix_cache.branch_point(prompt)  # where it leaves a cached prompt: worth a state
+            stream.snapshots = sorted({p for p in (branch, len(prompt)) if p > stream.prompt_pos})
+            with self._cond:
+                self._prefilling.append(stream)
+
+    # -- prefill: one chunk per iteration ---------------------------------------------------------
+
+    def _chunk(self, stream: Stream) -> int:
+        """The prompt tokens of ``stream``'s next prefill chunk: up to prefill_chunk, stopping at a snapshot."""
+        stop = next(p for p in stream.snapshots if p > stream.prompt_pos)
+        return min(self.prefill_chunk, stop - stream.prompt_pos)
+
+    def _prefill_step(self) -> None:
+        """One group: the oldest waiting prompt and those that batch with it (fresh prompts of any length, left-
+        padded; or continuations of the same chunk length)."""
+        if not self._prefilling:
+            return
+        first = self._prefilling[0]
+        if first.cache is None:
+            group = [s for s in self._prefilling if s.cache is None]
+        else:
+            group = [s for s in self._prefilling if s.cache is not None and self._chunk(s) == self._chunk(first)]
+        try:
+            logits = self._prefill(group)  # [G, V]: each stream's last chunk position
+        except Exception as error:  # a bad request must not stop the others
+            for stream in group:
+                self._fail(stream, error)
+            return
+        done = [(i, s) for i, s in enumerate(group) if s.prompt_pos == len(s.request.prompt_ids)]
+        if not done:
+            return
+        tokens = sample_rows(logits[[i for i, _ in done]], [s.request.sampling for _, s in done],
+                             [s.generator for _, s in done])
+        for (_, stream), token in zip(done, tokens, strict=True):
+            with self._cond:
+                self._prefilling.remove(stream)
+            stream.state_bytes = stream.cache.nbytes() if stream.cache is not None else 0
+            self._emit(stream, token)
+            if stream.finished:  # max_tokens=1, or eos at once
+                stream.cache = None
+            else:
+                with self._cond:
+                    self._join(stream)
+
+    def _prefill(self, group: list[Stream]) -> Tensor:
+        """Run each stream's next chunk; update its state and prompt position; cache snapshot states."""
+        lengths = [self._chunk(s) for s in group]
+        T = max(lengths)
+        ids = torch.full((len(group), T), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(group), T, dtype=torch.long, device=self.device)
+        for row, (s, n) in enumerate(zip(group, lengths, strict=True)):
+            ids[row, T - n:] = torch.tensor(s.request.prompt_ids[s.prompt_pos:s.prompt_pos + n])
+            mask[row, T - n:] = 1
+        start = None if group[0].cache is None else RecurrentCache.concat([s.cache for s in group])  # type: ignore
+        out = self.model(input_ids=ids, attention_mask=mask, cache=start, use_cache=True, logits_to_keep=1)
+        cache = output_cache(out)
         self.counters["prefills"] += 1
-        return output_cache(out), out.logits[:, -1]
+        self.counters["prefill_tokens"] += sum(lengths)
+        for row, (s, n) in enumerate(zip(group, lengths, strict=True)):
+            s.cache, s.prompt_pos = cache.select([row]), s.prompt_pos + n
+            if s.prompt_pos in s.snapshots:
+                self.prefix_cache.insert(s.request.prompt_ids[:s.prompt_pos], s.cache)
+        return out.logits[:, -1]
+
+    # -- decoding ---------------------------------------------------------------------------------
 
     def _step(self) -> None:
-        """Feed every active stream's last token at once ([B, 1]) and sample each row with its own settings."""
-        ids = torch.tensor([[s.last_token] for s in self._active], device=self.device)  # [B, 1]
+        """Feed every running stream's last token at once ([B, 1]) and sample each row with its own settings."""
+        ids = torch.tensor([[s.last_token] for s in self._running], device=self.device)  # [B, 1]
         try:
             out = self.model(input_ids=ids, cache=self._cache, use_cache=True)
         except Exception as error:
-            for stream in self._active:
+            for stream in self._running:
                 self._fail(stream, error)
             self._drop_finished()
             return
         self.counters["steps"] += 1
-        tokens = sample_rows(out.logits[:, -1], [s.request.sampling for s in self._active],  # logits: [B, V]
-                             [s.generator for s in self._active])
-        for stream, token in zip(self._active, tokens, strict=True):
+        tokens = sample_rows(out.logits[:, -1], [s.request.sampling for s in self._running],  # logits: [B, V]
+                             [s.generator for s in self._running])
+        for stream, token in zip(self._running, tokens, strict=True):
             if not stream.finished:
                 self._emit(stream, token)
 
@@ -421,8 +534,9 @@ class Engine:
 
     def _fail_all(self, error: Exception) -> None:
         with self._cond:
-            streams, self._active, self._cache = self._active + list(self._pending), [], None
+            streams = list(self._pending) + self._prefilling + self._running + self._paused
             self._pending.clear()
+            self._prefilling, self._running, self._paused, self._cache = [], [], [], None
         for stream in streams:
             self._fail(stream, error)
 
@@ -433,6 +547,7 @@ class Engine:
 
     @staticmethod
     def _send(stream: Stream, event: Event) -> None:
+        stream.sent += 1
         try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
         except RuntimeError:  # the client's event loop is closed: nobody is listening any more
