@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -173,7 +174,8 @@ def fuzz(base: str, examples: int, *headers: str) -> str:
     boundary values, random fuzzing, stateful sequences), a fixed seed; returns its summary, asserting no finding."""
     cli = [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json", "--checks", "all", "--mode", "all",
            "--max-examples", str(examples), "--seed", "1", "--no-color", *[a for h in headers for a in ("-H", h)]]
-    done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    with tempfile.TemporaryDirectory() as scratch:  # where the CLI keeps its cache (.schemathesis/)
+        done = subprocess.run(cli, capture_output=True, text=True, timeout=600, cwd=scratch)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     return done.stdout
 
