@@ -292,7 +292,8 @@ async def long_prompt_arrives(url: str, fast: int, length: int, long_prompt: str
         one_stream(url, {"prompt": long_prompt, "max_tokens": 8, "ignore_eos": True, "greedy": True}), timeout)
     runs = await asyncio.wait_for(asyncio.gather(*tasks), timeout)
     first = long_stamps[0]
-    during, outside = [], []
+    during: list[float] = []
+    outside: list[float] = []
     for _, stamps in runs:
         for a, b in zip(stamps, stamps[1:]):
             (during if b > sent and a < first else outside).append((b - a) * 1e3)
