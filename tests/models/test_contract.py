@@ -138,6 +138,32 @@ def test_full_forward_equals_chunked_prefill_then_token_by_token_decoding(name: 
     assert_close(f"{name} decode", torch.stack(logits, 1)[real], full[:, 6:][real])
 
 
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_sequence_chunk_gives_the_same_loss_and_gradients(name: str, chunk: int) -> None:
+    """Training in pieces (``config.sequence_chunk``: each block carrying its state across pieces) is the same
+    computation as the whole sequence: loss, every parameter's gradient and the hidden states, on a left-padded
+    batch with pieces of 1 and 5 positions over T = 13."""
+    model = tiny(name)
+    ids, mask = padded_batch()
+
+    def run(chunk: int) -> tuple[Tensor, list[Tensor], tuple[Tensor, ...]]:
+        model.config.sequence_chunk = chunk
+        model.zero_grad(set_to_none=True)
+        out = model(ids, attention_mask=mask, labels=ids, output_hidden_states=True)
+        out.loss.backward()
+        return out.loss.detach(), [p.grad for p in model.parameters() if p.grad is not None], out.hidden_states
+
+    whole_loss, whole_grads, whole_hidden = run(0)
+    loss, grads, hidden = run(chunk)
+    assert_close(f"{name} loss", loss, whole_loss)
+    assert len(grads) == len(whole_grads) > 0
+    for i, (g, w) in enumerate(zip(grads, whole_grads, strict=True)):
+        assert_close(f"{name} grad {i}", g, w)
+    real = mask.bool()[..., None]  # [B, T, 1]: broadcasts over an ensemble's leading member axis too
+    for g, w in zip(hidden, whole_hidden, strict=True):
+        assert_close(f"{name} hidden", g[real.expand_as(g)], w[real.expand_as(w)])
+
+
 def test_a_padded_batch_equals_each_row_alone(name: str) -> None:
     model = tiny(name)
     ids, mask = padded_batch()

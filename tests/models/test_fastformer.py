@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrained
 
 import attnfree  # noqa: F401  (registers the Auto classes)
 from attnfree import FastformerConfig, FastformerForCausalLM, FastformerLMConfig, FastformerModel
+from attnfree.models.base import RecurrentBlock
 from attnfree.models.compat import enable_activation_checkpointing, output_cache
 from attnfree.testing import assert_close, perturb
 
@@ -213,8 +214,16 @@ NON_DEFAULT = {  # every field, a non-default value
     "scale_logits": True, "ffn_multiplier": 2,
     "layer_norm_eps": 1e-2, "pool_chunk_size": 4, "pad_token_id": 3, "bos_token_id": 4, "eos_token_id": 5,
     "use_cache": False, "tie_word_embeddings": False, "pool_head_size": 4, "decay_per": "pool_head", "bonus": True,
-    "token_shift": True, "output_gate": True, "ffn_type": "channel_mix",
+    "token_shift": True, "output_gate": True, "ffn_type": "channel_mix", "sequence_chunk": 4,
 }
+
+
+def count_block_calls(model):
+    """A list that grows by one at every forward call of the model's first block (sequence_chunk's effect)."""
+    calls = []
+    first = next(m for m in model.modules() if isinstance(m, RecurrentBlock))
+    first.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
 
 
 def signature(**kw):
@@ -228,13 +237,14 @@ def signature(**kw):
     torch.manual_seed(1)
     train_loss = model.train()(ids, labels=ids).loss.item()
     model.eval()
+    block_calls = count_block_calls(model)
     out = model(ids, labels=ids)
     gen = model.generate(ids[:, :2], max_new_tokens=3, do_sample=False, min_new_tokens=0)
     return (tuple((n, tuple(p.shape)) for n, p in model.named_parameters()), round(init_std, 3), train_loss,
             out.logits.sum().item(), output_cache(out) is None, gen.tolist(),
             model.lm_head.weight is model.model.embed_tokens.weight, model.model.embed_tokens.padding_idx,
             model.model.layers[0].attention.chunk, model.generation_config.bos_token_id,
-            model.generation_config.eos_token_id)
+            model.generation_config.eos_token_id, len(block_calls))
 
 
 def test_every_config_field_is_declared_here():

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig
 
 import attnfree  # noqa: F401  (registers the Auto classes)
+from attnfree.models.base import RecurrentBlock
 from attnfree.models.cache import RecurrentCache
 from attnfree.models.compat import enable_activation_checkpointing, output_cache
 from attnfree.models.leviathan import (
@@ -373,13 +374,21 @@ NON_DEFAULT = {  # every field, a non-default value
         "position_embedding_type": "none", "dense_lags": 2, "segment": 3, "block_flavour": "leaky6",
         "hidden_dropout_prob": 0.3, "initializer_range": 0.5, "layer_norm_eps": 1e-1, "label_smoothing": 0.1,
         "pad_token_id": 3, "bos_token_id": 4, "eos_token_id": 5, "use_cache": False, "tie_word_embeddings": False,
-        "output_gate": True,
+        "output_gate": True, "sequence_chunk": 4,
     },
     "ensemble": {"n_modules": 1, "members_per_module": 3, "interaction_heads": 3, "module_streams": True},
     "moe": {"n_experts": 3, "router_top_k": 1, "capacity_factor": 0.3, "noise": 0.0, "aux_loss_coef": 1.0},
 }
 NON_DEFAULT["ensemble"].update(NON_DEFAULT["base"])
 NON_DEFAULT["moe"].update(NON_DEFAULT["base"])
+
+
+def count_block_calls(model):
+    """A list that grows by one at every forward call of the model's first block (sequence_chunk's effect)."""
+    calls = []
+    first = next(m for m in model.modules() if isinstance(m, RecurrentBlock))
+    first.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
 
 
 def signature(kind, **kw):
@@ -396,13 +405,14 @@ def signature(kind, **kw):
     torch.manual_seed(1)
     train_loss = model.train()(ids, labels=ids).loss.item()
     model.eval()
+    block_calls = count_block_calls(model)
     out = model(ids, labels=ids)
     gen = [] if ids.dim() == 3 else model.generate(ids[:, :2], max_new_tokens=3, do_sample=False,
                                                    min_new_tokens=0).tolist()
     return (tuple((n, tuple(p.shape)) for n, p in model.named_parameters()), round(init_std, 3), train_loss,
             out.logits.sum().item(), output_cache(out) is None, gen,
             model.lm_head.weight is model.get_input_embeddings().weight, model.get_input_embeddings().padding_idx,
-            model.generation_config.bos_token_id, model.generation_config.eos_token_id)
+            model.generation_config.bos_token_id, model.generation_config.eos_token_id, len(block_calls))
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

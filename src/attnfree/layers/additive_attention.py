@@ -119,10 +119,11 @@ class FastformerAttention(nn.Module):
         a = (xh * w.view(self.pool_heads, self.pool_dim)).sum(-1) / math.sqrt(self.pool_dim)
         if self.decay == "none":
             return a
-        slopes = self.log_slopes[which].float().exp()  # [H] or [G]
+        acc = torch.promote_types(a.dtype, torch.float32)  # lambda j grows with j: at least float32 (float64 stays)
+        slopes = self.log_slopes[which].to(acc).exp()  # [H] or [G]
         if slopes.shape[0] != self.pool_heads:  # one slope per attention head, shared by its pool heads
             slopes = slopes.repeat_interleave(self.pool_heads // self.n_heads)
-        return a.float() + positions.unsqueeze(-1).float() * slopes
+        return a.to(acc) + positions.unsqueeze(-1).to(acc) * slopes
 
     def pool(self, x: Tensor, which: int, positions: Tensor, mask: Tensor | None,
              cache: dict[str, Any] | None) -> Tensor:

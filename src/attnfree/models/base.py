@@ -54,6 +54,7 @@ from attnfree.models.compat import cache_kwargs, output_cache
 from attnfree.models.validation import (
     check_choice,
     check_divisible,
+    check_non_negative,
     check_positive,
     check_positive_float,
     check_probability,
@@ -84,6 +85,9 @@ class RecurrentConfig(PreTrainedConfig):
         initializer_range: std of the normal init of linear and embedding weights.
         layer_norm_eps: epsilon of every LayerNorm.
         label_smoothing: applied to the training loss only; evaluation loss is plain cross-entropy.
+        sequence_chunk: run sequences longer than this in pieces of this many positions, every block carrying
+            its state from piece to piece: the same values and gradients (tested), and on a CPU faster once a
+            sequence's activations outgrow the caches (docs/performance.md); 0 runs whole sequences.
     """
 
     vocab_size: int = 32100
@@ -96,6 +100,7 @@ class RecurrentConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-5
     label_smoothing: float = 0.0
+    sequence_chunk: int = 0
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 1
@@ -113,6 +118,7 @@ class RecurrentConfig(PreTrainedConfig):
     def validate_fields(self) -> None:
         """Raise ValueError naming the first invalid field (a family extends this, calling super() first)."""
         check_positive(self, "vocab_size", "hidden_size", "n_heads", "num_hidden_layers", "n_positions")
+        check_non_negative(self, "sequence_chunk")
         check_divisible(self, "hidden_size", "n_heads")
         check_choice(self, "position_embedding_type", POSITION_EMBEDDING_TYPES)
         check_probability(self, "hidden_dropout_prob", "label_smoothing")
@@ -262,11 +268,14 @@ class RecurrentModel(RecurrentPreTrainedModel):
     """The shared backbone: token (+ learned position) embeddings, ``block_class`` blocks, a final LayerNorm.
 
     A family names its block (``block_class``) and, where it wants them, a LayerNorm on the embeddings
-    (``embedding_norm``) and extra output fields (``output_class`` plus ``reports_to_outputs``).
+    (``embedding_norm``) and extra output fields (``output_class`` plus ``reports_to_outputs``). A family whose
+    blocks report statistics over the whole sequence (a load-balancing loss) sets ``chunkable = False``: it always
+    runs whole sequences, whatever ``sequence_chunk`` says.
     """
 
     block_class: ClassVar[type[RecurrentBlock]]
     embedding_norm: ClassVar[bool] = False
+    chunkable: ClassVar[bool] = True
     output_class: ClassVar[type[BaseModelOutputWithPast]] = BaseModelOutputWithPast
 
     def __init__(self, config: RecurrentConfig):
@@ -351,11 +360,37 @@ class RecurrentModel(RecurrentPreTrainedModel):
         return Inputs(input_ids, inputs_embeds, mask, real, position_ids, cache)
 
     def mix(self, inputs: Inputs, output_hidden_states: bool) -> tuple[Tensor, tuple[Tensor, ...] | None, list[Any]]:
-        """The token mixing: (h [B, T, C], the hidden states if asked, what the blocks reported)."""
+        """The token mixing: (h [B, T, C], the hidden states if asked, what the blocks reported).
+
+        Sequences longer than ``config.sequence_chunk`` run piece by piece (``mix_in_chunks``)."""
+        T, chunk = inputs.positions.shape[1], self.config.sequence_chunk
+        if self.chunkable and 0 < chunk < T:
+            return self.mix_in_chunks(inputs, output_hidden_states, chunk)
         ctx = BlockContext(inputs.mask, inputs.positions)
         states = inputs.cache.layers if inputs.cache is not None else None
         h, hidden = self.run(inputs.input_ids, inputs.inputs_embeds, ctx, states, output_hidden_states)
         return h, tuple(hidden) if output_hidden_states else None, ctx.reports
+
+    def mix_in_chunks(self, inputs: Inputs, output_hidden_states: bool, chunk: int
+                      ) -> tuple[Tensor, tuple[Tensor, ...] | None, list[Any]]:
+        """``mix`` over positions [0, chunk), [chunk, 2 chunk), ...: each block continues from the state the
+        previous piece left (the cache's states when caching, else states kept for this call), exactly as a
+        prompt is prefilled in pieces; the pieces' outputs are concatenated along T."""
+        states = inputs.cache.layers if inputs.cache is not None else [{} for _ in self.layers]
+        pieces: list[Tensor] = []
+        hidden: list[list[Tensor]] = []
+        reports: list[Any] = []
+        for start in range(0, inputs.positions.shape[1], chunk):
+            part = slice(start, start + chunk)
+            ctx = BlockContext(inputs.mask[:, part] if inputs.mask is not None else None, inputs.positions[:, part])
+            ids = inputs.input_ids[:, part] if inputs.input_ids is not None else None
+            embeds = inputs.inputs_embeds[:, part] if inputs.inputs_embeds is not None else None
+            h, piece_hidden = self.run(ids, embeds, ctx, states, output_hidden_states)
+            pieces.append(h)
+            hidden.append(piece_hidden)
+            reports += ctx.reports
+        joined = tuple(torch.cat(layer, dim=1) for layer in zip(*hidden, strict=True)) if output_hidden_states else None
+        return torch.cat(pieces, dim=1), joined, reports
 
     def forward(
         self,

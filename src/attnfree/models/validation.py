@@ -13,6 +13,14 @@ def check_positive(config: Any, *fields: str) -> None:
             raise ValueError(f"{type(config).__name__}.{f} must be a positive integer, got {v!r}")
 
 
+def check_non_negative(config: Any, *fields: str) -> None:
+    """Integers >= 0 (0 usually meaning "off")."""
+    for f in fields:
+        v = getattr(config, f)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{type(config).__name__}.{f} must be an integer >= 0, got {v!r}")
+
+
 def check_positive_float(config: Any, *fields: str) -> None:
     """Real values > 0 (initializer range, LayerNorm epsilon, capacity factor)."""
     for f in fields:

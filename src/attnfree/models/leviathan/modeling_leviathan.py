@@ -147,9 +147,11 @@ class LeviathanModel(LeviathanPreTrainedModel, RecurrentModel):
 
 
 class LeviathanMoEModel(LeviathanModel):
-    """The backbone with mixture-of-experts blocks; its output carries the routing report."""
+    """The backbone with mixture-of-experts blocks; its output carries the routing report. Expert capacity and the
+    load-balancing loss are over the whole batch, so it never runs in pieces (``chunkable``)."""
 
     config_class = LeviathanMoEConfig
+    chunkable = False
 
 
 class LeviathanEnsembleModel(LeviathanPreTrainedModel, RecurrentModel):
