@@ -42,11 +42,12 @@ class RoutingStats:
 class Expert(nn.Module):
     """One feed-forward expert, without the LayerNorm (the MoE normalises once, before routing)."""
 
-    def __init__(self, hidden_size: int, multiplier: int, activation: str):
+    def __init__(self, hidden_size: int, multiplier: float, activation: str):
         super().__init__()
-        self.up = nn.Linear(hidden_size, multiplier * hidden_size, bias=False)
+        inner = round(multiplier * hidden_size)
+        self.up = nn.Linear(hidden_size, inner, bias=False)
         self.act = ACTIVATIONS[activation]()
-        self.down = nn.Linear(multiplier * hidden_size, hidden_size, bias=False)
+        self.down = nn.Linear(inner, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(self.act(self.up(x)))
@@ -72,7 +73,7 @@ class NoisyTopKRouter(nn.Module):
 class SparseMoE(nn.Module):
     """Pre-LN noisy top-k mixture of experts. x: [B, T, C], mask [B, T] bool -> ([B, T, C], RoutingStats)."""
 
-    def __init__(self, hidden_size: int, multiplier: int, activation: str, n_experts: int, top_k: int,
+    def __init__(self, hidden_size: int, multiplier: float, activation: str, n_experts: int, top_k: int,
                  capacity_factor: float, noise: float, dropout: float, eps: float):
         super().__init__()
         if activation not in ACTIVATIONS:

@@ -13,12 +13,13 @@ from attnfree.models.validation import check_choice, check_divisible, check_posi
 from attnfree.ops.correlation import make_lags
 
 # block flavour -> (activation of the feed-forward block, its width as a multiple of hidden_size)
-BLOCK_FLAVOURS: dict[str, tuple[str, int]] = {
+BLOCK_FLAVOURS: dict[str, tuple[str, float]] = {
     "gelu4": ("gelu", 4),
     "relu3": ("relu", 3),
     "leaky6": ("leaky_relu", 6),
     "sqrelu4": ("sqrelu", 4),  # squared ReLU (RWKV's channel mix uses it)
     "channel_mix4": ("channel_mix", 4),  # RWKV's channel mix: token shift, squared ReLU, receptance gate
+    "channel_mix3.5": ("channel_mix", 3.5),  # the same at gelu4's parameter count (the gate's C x C paid for)
 }
 
 
@@ -41,7 +42,8 @@ class LeviathanConfig(RecurrentConfig):
         dense_lags: the dense lag run 0..dense_lags-1 (before the dilated lags); n_positions bounds the largest lag.
         segment: J, consecutive query/key positions summed into one correlation score.
         block_flavour: feed-forward block: "gelu4" (4x GELU), "relu3" (3x ReLU), "leaky6" (6x LeakyReLU),
-            "sqrelu4" (4x squared ReLU) or "channel_mix4" (RWKV's channel mix at 4x).
+            "sqrelu4" (4x squared ReLU), "channel_mix4" (RWKV's channel mix at 4x) or "channel_mix3.5" (at 3.5x: the
+            parameters of gelu4, the gate paid for by a narrower FFN).
         output_gate: a sigmoid gate (RWKV's receptance) on the correlation branch, sigmoid(W_r LN(h)) * Corr(LN(h)).
     """
 
@@ -62,7 +64,7 @@ class LeviathanConfig(RecurrentConfig):
         return BLOCK_FLAVOURS[self.block_flavour][0]
 
     @property
-    def ffn_multiplier(self) -> int:
+    def ffn_multiplier(self) -> float:
         return BLOCK_FLAVOURS[self.block_flavour][1]
 
     def validate_fields(self) -> None:
