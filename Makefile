@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.attnfree-installed
 CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),--upgrade --upgrade-strategy eager)
 
-.PHONY: setup demo test test-latest test-floor lock lint typecheck unit slow bench clean
+.PHONY: setup demo test test-latest test-floor lock lint typecheck unit slow bench clean gpu-check
 
 setup: $(STAMP)
 
@@ -60,6 +60,12 @@ lock: setup
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
 	  --python-platform x86_64-unknown-linux-gnu $(if $(wildcard /opt/wheels),--find-links /opt/wheels,) \
 	  --constraint requirements/torch.txt --no-emit-package torch -o requirements/lock.txt
+
+# On a CUDA machine (a venv whose torch sees the GPU, with the triton extra: make gpu-check VENV=that-venv): the
+# kernels' CUDA tests, then a compact benchmark into $$GPU_CHECK_DIR (default runs/gpu-check), in minutes.
+# Without a GPU it says so in one line and exits 0.
+gpu-check: setup
+	$(BIN)/python -m benchmarks.gpu_check
 
 slow: setup
 	$(BIN)/pytest -q -m slow

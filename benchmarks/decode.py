@@ -3,11 +3,13 @@
     python -m benchmarks.decode [--quick] [--out runs/bench/decode.json] [--contexts 128,1024,16384]
         [--batches 1,16] [--new-tokens 32] [--models fastformer,gpt2] [--max-seconds-per-point 600] [--compile]
 
-Our recurrent models decode through ``attnfree.decoding.stream_generate`` (path "stream") and through
-``model.generate`` (path "generate"), and with ``--compile`` through stream_generate on the compiled model
-(path "stream+compile", compile time excluded); GPT-2 through ``model.generate`` with its KV cache. Each
-point (model, path, context, batch) runs in its own forked process: prefill a random prompt of the context length, then
-time each of --new-tokens greedy tokens; per_token_ms is their median.
+Our recurrent models decode through ``attnfree.decoding.stream_generate`` (path "stream"), through
+``model.generate`` (path "generate"), through the exported ONNX fp32 step graph run by onnxruntime with the same
+threads (path "onnx": the runtime's floor on this machine; the prompt is prefilled in torch), and with
+``--compile`` through stream_generate on the compiled model (path "stream+compile", compile time excluded);
+GPT-2 through ``model.generate`` with its KV cache. Each point (model, path, context, batch) runs in its own
+forked process: prefill a random prompt of the context length, then time each of --new-tokens greedy tokens;
+per_token_ms is their median. ``vs_onnx``: a row's per-token time over the onnx row's at the same point.
 
 The floor: the model's nn.Linear (and GPT-2's Conv1D) layers alone, each applied once to a [B, 1, in]
 input in sequence, which is the matmul work any recurrent step must do (fastformer-conv's convolution
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -29,7 +33,8 @@ from transformers import PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 from transformers.pytorch_utils import Conv1D
 
-from attnfree.inference.decoding import stream_generate
+from attnfree.inference.decoding import chunked_prefill, stream_generate
+from attnfree.inference.export import export_step
 from attnfree.inference.sampling import Sampling
 from attnfree.models.cache import RecurrentCache
 from attnfree.models.compat import output_cache
@@ -99,9 +104,34 @@ def _via_stream_compiled(model: PreTrainedModel, prompt: Tensor, new_tokens: int
     return _via_stream(compiled, prompt, new_tokens)
 
 
+def _via_onnx(model: PreTrainedModel, prompt: Tensor, new_tokens: int) -> tuple[list[float], int | None]:
+    """The exported step graph (float32) in onnxruntime, greedy on numpy: what ``attnfree.inference.runtime`` does
+    per token. The prompt is prefilled in torch (chunked) and its state handed over; export time is not counted."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as folder:
+        export_step(model, Path(folder) / "step.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+        session = ort.InferenceSession(str(Path(folder) / "step.onnx"), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()][1:]
+    times = [time.perf_counter()]
+    with torch.no_grad():
+        out = chunked_prefill(model, prompt)
+    state = [t.numpy() for _, t in output_cache(out).flatten()]
+    token = out.logits[:, -1].argmax(-1).numpy()[:, None]
+    times.append(time.perf_counter())
+    for _ in range(new_tokens - 1):
+        logits, *state = session.run(None, {"input_ids": token, **dict(zip(names, state, strict=True))})
+        token = logits.argmax(-1)[:, None]
+        times.append(time.perf_counter())
+    return times, None
+
+
 PATHS: dict[str, Callable[[PreTrainedModel, Tensor, int], tuple[list[float], int | None]]] = {
     "generate": _via_generate,
     "stream": _via_stream,
+    "onnx": _via_onnx,
     "stream+compile": _via_stream_compiled,  # only with --compile
 }
 
@@ -149,6 +179,16 @@ def decode_point(name: str, path: str, context: int, batch: int, new_tokens: int
             "delta_rss_mib": peak - baseline, **({"cache_kib": cache_bytes / 1024} if cache_bytes else {})}
 
 
+def add_vs_onnx(rows: list[Row]) -> None:
+    """vs_onnx: per-token time over the onnx path's at the same (model, context, batch)."""
+    onnx = {(r["model"], r["context"], r["batch"]): r["per_token_ms"] for r in rows
+            if r["path"] == "onnx" and "per_token_ms" in r}
+    for r in rows:
+        key = (r["model"], r["context"], r["batch"])
+        if key in onnx and "per_token_ms" in r:
+            r["vs_onnx"] = r["per_token_ms"] / onnx[key]
+
+
 def share_cache_sizes(rows: list[Row]) -> None:
     """Give "stream" rows the cache size measured through generate at the same point (the same state)."""
     sizes = {(r["model"], r["context"], r["batch"]): r["cache_kib"] for r in rows if "cache_kib" in r}
@@ -191,7 +231,8 @@ def main() -> None:
                 print(f"{name}/{path} context={context} B={batch}: {rows[-1].get('per_token_ms', 0):.2f} ms/token "
                       f"{rows[-1].get('note', '')}", flush=True)
     share_cache_sizes(rows)
-    columns = ["model", "path", "context", "batch", "per_token_ms", "tokens_per_s", "floor_ms", "vs_floor",
+    add_vs_onnx(rows)
+    columns = ["model", "path", "context", "batch", "per_token_ms", "tokens_per_s", "floor_ms", "vs_floor", "vs_onnx",
                "cache_kib", "peak_rss_mib", "delta_rss_mib", "prefill_s", "note"]
     table = print_table(rows, columns)
     out = write_json(args.out, {"sizes": asdict(sizes), "threads": args.threads, "new_tokens": new_tokens,

@@ -3,6 +3,13 @@ number of tokens per batch (batch = tokens / T), for each model at the same size
 
     python -m benchmarks.train_throughput [--quick] [--out runs/bench/train_throughput.json]
         [--seq-lens 256,1024,4096] [--models fastformer,gpt2] [--threads 2] [--max-seconds-per-point 900] [--compile]
+        [--preset byte] [--breakdown-at 16384]
+
+``--preset byte`` is the long-context byte-level configuration (vocabulary 256, width 256, 4 heads, 4 layers,
+16,384 tokens per batch, T = 1024, 4096, 16384, 65536): where attention's cost shows, since no large output
+layer hides it. ``--breakdown-at T`` adds, per model, where one training step's time goes at T (the token mixer,
+the FFN, the norms outside them, the embeddings, the output layer, the optimizer, the rest: the loss and glue),
+timed with module hooks on forward and backward (``component_times``).
 
 Each (model, T) point runs in its own forked process, so its peak memory is that process's ru_maxrss; the
 table gives it raw and minus a baseline taken right after the model is built. Points run T by T with the
@@ -17,7 +24,12 @@ carry ``compiled``, the compilation time (``compile_s``: the first step, not tim
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
 import torch
 
@@ -38,6 +50,96 @@ from benchmarks.common import (
 
 MODELS = ("fastformer", "fastformer-conv", "leviathan", "gpt2")
 SEQ_LENS = tuple(256 * 2**i for i in range(7))  # 256 .. 16384
+BYTE = Sizes(hidden_size=256, n_heads=4, num_layers=4, vocab_size=256, tokens=16384)
+BYTE_SEQ_LENS = (1024, 4096, 16384, 65536)
+
+# Where a step's time goes: a module's role from its attribute name (the first match on its path, so a norm
+# inside a mixer counts as mixer); norms found outside every role are "norms".
+ROLES = {"mixer": ("attention", "attn", "correlation", "mixer", "conv"),
+         "ffn": ("ffn", "mlp", "feed_forward"),
+         "embedding": ("embed_tokens", "embed_positions", "wte", "wpe", "embeddings"),
+         "head": ("lm_head",)}
+PARTS = ("mixer", "ffn", "norms", "embedding", "head", "optimizer", "other")
+
+
+def role_modules(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
+    """The outermost modules of each role (see ROLES), and the norms outside them."""
+    found: dict[str, list[torch.nn.Module]] = {part: [] for part in PARTS}
+    taken: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(t + ".") for t in taken):
+            continue
+        name = path.rsplit(".", 1)[-1]
+        role = next((r for r, names in ROLES.items() if name in names), None)
+        if role is None and "norm" in type(module).__name__.lower():
+            role = "norms"
+        if role is not None:
+            found[role].append(module)
+            taken.append(path)
+    return found
+
+
+def component_times(model: torch.nn.Module, step: Callable[[], None], optimizer_step: Callable[[], None]
+                    ) -> dict[str, float]:
+    """Seconds of one training step per part: forward and backward of each role's modules (module hooks; on CPU
+    autograd runs in this thread, so wall times add up), the optimizer step, and the rest of the step."""
+    # the embeddings' inputs are token ids: torch warns that their backward hook fires on the outputs' gradients,
+    # which is exactly the span to time
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    spent = dict.fromkeys(PARTS, 0.0)
+    started: dict[tuple[int, str], float] = {}
+    handles = []
+    for role, modules in role_modules(model).items():
+        for module in modules:
+            def begin(key: tuple[int, str]) -> Callable[..., None]:
+                return lambda *_: started.__setitem__(key, time.perf_counter())
+
+            def end(key: tuple[int, str], role: str = role) -> Callable[..., None]:
+                def hook(*_: Any) -> None:
+                    if key in started:
+                        spent[role] += time.perf_counter() - started.pop(key)
+                return hook
+
+            handles += [module.register_forward_pre_hook(begin((id(module), "f"))),
+                        module.register_forward_hook(end((id(module), "f"))),
+                        module.register_full_backward_pre_hook(begin((id(module), "b"))),
+                        module.register_full_backward_hook(end((id(module), "b")))]
+    try:
+        start = time.perf_counter()
+        step()
+        middle = time.perf_counter()
+        optimizer_step()
+        end_time = time.perf_counter()
+    finally:
+        for handle in handles:
+            handle.remove()
+    spent["optimizer"] = end_time - middle
+    spent["other"] = (middle - start) - sum(spent[p] for p in PARTS if p not in ("optimizer", "other"))
+    return spent
+
+
+def breakdown_point(name: str, seq_len: int, sizes: Sizes, steps: int) -> Row:
+    """Median seconds per part of a training step at [tokens / T, T] (runs in a forked child)."""
+    torch.manual_seed(0)
+    model = build(name, sizes, n_positions=seq_len).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = max(1, sizes.tokens // seq_len)
+    ids = torch.randint(2, sizes.vocab_size, (batch, seq_len))
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    def optimizer_step() -> None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    optimizer_step()
+    samples = [component_times(model, step, optimizer_step) for _ in range(steps)]
+    parts = {p: statistics.median(s[p] for s in samples) for p in PARTS}
+    total = sum(parts.values())
+    return {"batch": batch, "step_s": total, **{f"{p}_pct": 100 * v / total for p, v in parts.items()},
+            **{f"{p}_s": v for p, v in parts.items()}}
 
 
 def train_point(name: str, seq_len: int, sizes: Sizes, warmup: int, steps: int, max_seconds: float,
@@ -105,9 +207,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median)")
     parser.add_argument("--max-seconds-per-point", type=float, default=900.0)
     parser.add_argument("--compile", action="store_true", help="also time every model under torch.compile")
+    parser.add_argument("--preset", choices=("seed", "byte"), default="seed",
+                        help="seed: vocabulary 32100 (default); byte: vocabulary 256, T = 1024 .. 65536")
+    parser.add_argument("--breakdown-at", type=int, default=0, help="also split a step's time into parts at this T")
     args = parser.parse_args()
-    sizes = QUICK if args.quick else Sizes(tokens=args.tokens)
+    sizes = QUICK if args.quick else (BYTE if args.preset == "byte" else Sizes(tokens=args.tokens))
     seq_lens = [64, 128] if args.quick else ints(args.seq_lens)
+    if args.preset == "byte" and args.seq_lens == ",".join(map(str, SEQ_LENS)):
+        seq_lens = list(BYTE_SEQ_LENS)
     steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
     rows: list[Row] = []
     given_up: set[str] = set()
@@ -136,9 +243,18 @@ def main() -> None:
     table = print_table(rows, columns)
     flat = flatness(rows)
     print("max/min tokens/s across T: " + ", ".join(f"{k} {v:.2f}" for k, v in flat.items()))
+    parts: list[Row] = []
+    if args.breakdown_at:
+        for name in names:
+            kwargs = dict(name=name, seq_len=args.breakdown_at, sizes=sizes, steps=steps)
+            parts.append({"model": name, "T": args.breakdown_at,
+                          **run_isolated(breakdown_point, kwargs, args.threads, 2 * args.max_seconds_per_point + 60)})
+            print(f"{name} T={args.breakdown_at}: mixer {parts[-1].get('mixer_pct', 0):.0f}% of the step", flush=True)
+    parts_table = print_table(parts, ["model", "T", "step_s", *[f"{p}_pct" for p in PARTS], "note"]) if parts else ""
     out = write_json(args.out, {"sizes": asdict(sizes), "threads": args.threads, "steps": steps, "warmup": warmup,
-                                "compile": args.compile,
-                                "rows": rows, "max_over_min_tokens_per_s": flat, "table": table})
+                                "compile": args.compile, "preset": args.preset,
+                                "rows": rows, "max_over_min_tokens_per_s": flat, "table": table,
+                                "breakdown": parts, "breakdown_table": parts_table})
     plot_lines(out.with_suffix(".png"), rows, "T", ["tokens_per_s", "delta_rss_mib"], label,
                f"training, {sizes.tokens} tokens/batch, {args.threads} threads")
     print(f"wrote {out} and {out.with_suffix('.png')}")

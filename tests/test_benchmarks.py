@@ -54,3 +54,42 @@ def test_quick_run_writes_sane_json_and_plot(name, tmp_path):
         assert keys <= row.keys(), f"{name}: missing {keys - row.keys()} in {row}"
         for key in positive:
             assert math.isfinite(row[key]) and row[key] > 0, f"{name}: {key} = {row[key]} in {row}"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is here: make gpu-check runs for real")
+def test_gpu_check_without_a_gpu_says_so_in_one_line() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("\n") == 1 and "no CUDA GPU" in done.stdout
+
+
+def test_gpu_check_steps_run_on_the_cpu_at_toy_sizes(tmp_path: Path) -> None:
+    """The GPU window is short: every step of the check (ops, training, decoding) is exercised here first."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GPU_CHECK_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--quick"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert PROVENANCE <= set(result["provenance"])
+    for step, key in (("ops", "sdpa_flash_ms"), ("train", "tokens_per_s"), ("decode", "per_token_ms")):
+        assert result[step] and all(math.isfinite(r[key]) and r[key] > 0 for r in result[step]), result[step]
+    assert {r["model"] for r in result["train"]} == {"fastformer", "gpt2"}
+    assert sum(line.startswith("|---|") for line in (tmp_path / "gpu_check.md").read_text().splitlines()) == 3
+
+
+def test_training_step_breakdown_adds_up(tmp_path: Path) -> None:
+    """--breakdown-at splits a step into parts (mixer, FFN, norms, embedding, head, optimizer, other) per model."""
+    out = tmp_path / "tt.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--quick", "--threads", "1", "--models",
+           "fastformer,gpt2", "--breakdown-at", "64", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Full backward hook" not in done.stderr
+    parts = json.loads(out.read_text())["breakdown"]
+    assert [r["model"] for r in parts] == ["fastformer", "gpt2"]
+    for row in parts:
+        shares = [row[f"{p}_pct"] for p in ("mixer", "ffn", "norms", "embedding", "head", "optimizer", "other")]
+        assert math.isclose(sum(shares), 100.0, abs_tol=1e-6), row
+        assert all(row[f"{p}_pct"] > 0 for p in ("mixer", "ffn", "head", "optimizer")), row
