@@ -206,7 +206,7 @@ def train_recall(spec: str, settings: RecallSettings) -> RecallResult:
     seconds = time.perf_counter() - start
     return RecallResult(spec, asdict(task), s.width, s.layers, count_parameters(model),
                         answer_accuracy(model, test_x, test_y), state_bytes(model.eval(), task.seq_len),
-                        float(loss), seconds, s.steps)
+                        float(loss.detach()), seconds, s.steps)
 
 
 # ----------------------------------------------------------------------------------------------
