@@ -93,3 +93,17 @@ def test_training_step_breakdown_adds_up(tmp_path: Path) -> None:
         shares = [row[f"{p}_pct"] for p in ("mixer", "ffn", "norms", "embedding", "head", "optimizer", "other")]
         assert math.isclose(sum(shares), 100.0, abs_tol=1e-6), row
         assert all(row[f"{p}_pct"] > 0 for p in ("mixer", "ffn", "head", "optimizer")), row
+
+
+def test_option_costs_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "options.json"
+    cmd = [sys.executable, "-m", "benchmarks.options", "--specs", "fastformer,fastformer:bonus=true,gpt2", "--width",
+           "32", "--heads", "2", "--layers", "1", "--repeats", "2", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["spec"] for r in rows] == ["fastformer", "fastformer:bonus=true", "gpt2"]
+    assert rows[0]["vs_first"] == 1.0 and all(r["tokens_per_s"] > 0 for r in rows)
+    assert rows[2]["state_bytes"] == 2 * 1 * 64 * 32 * 4  # GPT-2's KV cache after 64 tokens: K and V, 1 layer, fp32
+    assert rows[0]["state_bytes"] == rows[1]["state_bytes"] < rows[2]["state_bytes"]

@@ -238,3 +238,33 @@ def test_one_served_completion(name: str) -> None:
         body = {"prompt": prompt, "max_tokens": 6, "greedy": True, "ignore_eos": True, "stream": False}
         answer = httpx.post(f"{base}/generate", json=body, timeout=60).json()
     assert answer["tokens"] == expected
+
+
+def test_decoding_steps_read_a_transposed_head_copy_that_follows_the_weight(name: str) -> None:
+    """A one-token step without autograd multiplies by a [C, V] copy of the head's weight (``decode_head``): the
+    same logits as the head itself, refreshed when the weight changes, never part of the state dict."""
+    model = tiny(name, torch.float32)
+    ids = torch.randint(0, 256, (2, 1), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fast = model(ids).logits
+    assert "_decode_weight" in model.lm_head.__dict__
+    assert torch.allclose(fast, model(ids).logits, atol=1e-5)  # with autograd on: the plain head
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)  # in place (the version counter moves), as an optimizer step or a load does
+        again = model(ids).logits
+    assert torch.allclose(again, model(ids).logits, atol=1e-5) and not torch.allclose(again, fast, atol=1e-3)
+    assert not any("decode" in key for key in model.state_dict())
+
+
+def test_the_decoding_head_copy_stays_out_of_exported_graphs(tmp_path, monkeypatch) -> None:
+    """Tracing for ONNX runs the plain head: the copy would enter the graph as a second constant weight."""
+    pytest.importorskip("onnxscript")
+    import attnfree.models.base as base
+    from attnfree.inference.export import export_onnx
+
+    def refuse(*_: object) -> Tensor:
+        raise AssertionError("decode_head ran while tracing")
+
+    monkeypatch.setattr(base, "decode_head", refuse)
+    export_onnx(tiny("fastformer", torch.float32), TOK, tmp_path)
+    assert (tmp_path / "step.onnx").exists()

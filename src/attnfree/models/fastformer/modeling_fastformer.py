@@ -96,6 +96,6 @@ class FastformerForCausalLM(FastformerPreTrainedModel, RecurrentForCausalLM):  #
 
     def compute_logits(self, h: Tensor) -> Tensor:
         if self.logit_scale == 1.0:
-            return self.lm_head(h)
+            return super().compute_logits(h)
         # (h W^T + b) s as (s h) W^T + s b: the scale touches [B, T, C], not the V/C times larger logits
         return F.linear(h * self.logit_scale, self.lm_head.weight, self.lm_head.bias * self.logit_scale)
