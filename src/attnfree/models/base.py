@@ -527,7 +527,8 @@ class RecurrentForCausalLM(RecurrentGenerationMixin, RecurrentPreTrainedModel, G
     def compute_logits(self, h: Tensor) -> Tensor:
         """h [..., C] -> logits [..., V]. One position on a CPU without autograd (a decoding step) goes through
         ``decode_head``."""
-        if h.shape[-2] == 1 and h.device.type == "cpu" and not torch.is_grad_enabled() and not _tracing():
+        plain = isinstance(getattr(self.lm_head, "weight", None), Tensor)  # not a quantized head (weight())
+        if plain and h.shape[-2] == 1 and h.device.type == "cpu" and not torch.is_grad_enabled() and not _tracing():
             return decode_head(self.lm_head, h)
         return self.lm_head(h)
 
