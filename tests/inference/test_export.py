@@ -46,7 +46,9 @@ FLOAT32_ATOL = 1e-4  # exported vs PyTorch logits, float32 both sides (observed:
 BPC_TOLERANCE = 0.05  # int8 (torch or onnxruntime) vs float32 BPC of the briefly trained tiny model
 TOK = ByteTokenizer()
 TINY = ModelSize(hidden_size=32, n_heads=2, num_layers=2, n_positions=96)
-OVERRIDES = {"leviathan": {"dense_lags": 4}}  # lags 0..3, 4, 8, 16, 32, 64: dense and dilated both
+# lags 0..3, 4, 8, 16, 32, 64: dense and dilated both; fastformer-conv with learned positions (the position limit
+# in the manifest and the runtime), fastformer without (its default)
+OVERRIDES = {"leviathan": {"dense_lags": 4}, "fastformer-conv": {"position_embedding_type": "learned"}}
 MODELS = ["fastformer", "fastformer-conv", "leviathan"]
 
 

@@ -35,12 +35,14 @@ PROMPTS = ["", "a", "Hello", "héllo wörld", "ROMEO:", "0123456789" * 3, "€ur
 
 
 def tiny(name: str = "fastformer", n_positions: int = 1024) -> torch.nn.Module:
-    """A random tiny model in float64, so batching cannot flip a greedy argmax by rounding.
+    """A random tiny model in float64, so batching cannot flip a greedy argmax by rounding; learned positions, so the
+    server's context limit is there to test.
 
     Leviathan's lags follow n_positions: at 64 its rings hold 36 keys, so the tests' streams wrap them.
     """
     torch.manual_seed(0)
-    return build_model(name, ModelSize(32, 2, 2, n_positions=n_positions), TOK).double().eval()
+    size = ModelSize(32, 2, 2, n_positions=n_positions)
+    return build_model(name, size, TOK, {"position_embedding_type": "learned"}).double().eval()
 
 
 def reference(model: torch.nn.Module, prompt: str, max_tokens: int, eos: bool = True) -> list[int]:

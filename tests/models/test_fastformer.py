@@ -104,7 +104,7 @@ def test_sampling_top_k_top_p_and_beam_search():
 
 
 def test_learned_positions_limit_and_unbounded_streaming():
-    model = tiny(n_positions=16)
+    model = tiny(n_positions=16, position_embedding_type="learned")
     with pytest.raises(ValueError, match="n_positions=16"):
         model.generate(torch.randint(3, 40, (1, 10)), max_new_tokens=10, do_sample=False, pad_token_id=0)
     with pytest.raises(ValueError, match="n_positions=16"):
@@ -210,7 +210,7 @@ def test_invalid_config_names_the_field(field, value):
 NON_DEFAULT = {  # every field, a non-default value
     "hidden_size": 30, "vocab_size": 41, "n_positions": 32, "n_heads": 2, "convolve": True, "groups": 3,
     "kernel_size": 2, "num_hidden_layers": 3, "label_smoothing": 0.1, "initializer_range": 0.5,
-    "hidden_dropout_prob": 0.3, "position_embedding_type": "none", "residual": "normed", "decay": "fixed",
+    "hidden_dropout_prob": 0.3, "position_embedding_type": "learned", "residual": "normed", "decay": "fixed",
     "scale_logits": True, "ffn_multiplier": 2,
     "layer_norm_eps": 1e-2, "pool_chunk_size": 4, "pad_token_id": 3, "bos_token_id": 4, "eos_token_id": 5,
     "use_cache": False, "tie_word_embeddings": False, "pool_head_size": 4, "decay_per": "pool_head", "bonus": True,
@@ -256,7 +256,8 @@ def test_every_config_field_is_declared_here():
 @pytest.mark.parametrize("field", sorted(NON_DEFAULT))
 def test_every_config_field_has_an_effect(field):
     extra = {"groups": {"convolve": True}, "kernel_size": {"convolve": True},
-             "decay_per": {"pool_head_size": 2}}.get(field, {})  # (pool heads = heads: per head is per pool head)
+             "decay_per": {"pool_head_size": 2},  # (pool heads = heads: per head is per pool head)
+             "n_positions": {"position_embedding_type": "learned"}}.get(field, {})  # (no positions: no limit)
     assert signature(**extra) != signature(**extra, **{field: NON_DEFAULT[field]})
 
 
