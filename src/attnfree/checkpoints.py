@@ -44,6 +44,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None
 
 
 def run_settings(path: str | Path) -> dict[str, Any] | None:
-    """The training settings recorded in the run folder's run.json (None without one)."""
-    run = Path(path) / RUN_FILE
-    return dict(json.loads(run.read_text())["settings"]) if run.is_file() else None
+    """The training settings recorded in the run folder's run.json; for a ``checkpoint-N`` folder, its run's (None
+    without one: a run still training has written none yet)."""
+    folder = Path(path)
+    for run in (folder / RUN_FILE, folder.parent / RUN_FILE if folder.name.startswith("checkpoint-") else None):
+        if run is not None and run.is_file():
+            return dict(json.loads(run.read_text())["settings"])
+    return None

@@ -196,13 +196,14 @@ def evaluate_checkpoint(
     bos: bool = True,
 ) -> EvalResult:
     """BPC of a checkpoint on the validation split of ``data``. ``block_size`` defaults to the run's
-    training block size (from run.json), else the model's position limit."""
+    training block size (from run.json, the run's for a checkpoint-N folder), else the model's position limit."""
     model, tokenizer = load_checkpoint(path)
     if block_size is None:
         settings = run_settings(path)
         block_size = settings["block_size"] if settings is not None else max_positions(model)
         if block_size is None:
-            raise ValueError("the model has no position limit: pass block_size")
+            raise ValueError("the model has no position limit and no run.json records its training block size: "
+                             "pass block_size (--block-size)")
     limit = max_positions(model)
     if limit is not None and block_size > limit:
         raise ValueError(f"block_size {block_size} exceeds the model's n_positions={limit}")
