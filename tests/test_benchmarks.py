@@ -107,3 +107,17 @@ def test_option_costs_side_by_side(tmp_path: Path) -> None:
     assert rows[0]["vs_first"] == 1.0 and all(r["tokens_per_s"] > 0 for r in rows)
     assert rows[2]["state_bytes"] == 2 * 1 * 64 * 32 * 4  # GPT-2's KV cache after 64 tokens: K and V, 1 layer, fp32
     assert rows[0]["state_bytes"] == rows[1]["state_bytes"] < rows[2]["state_bytes"]
+
+
+@pytest.mark.slow
+def test_decode_step_side_by_side_with_onnx(tmp_path: Path) -> None:
+    """(slow: exports a seed-size model)"""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "ds.json"
+    cmd = [sys.executable, "-m", "benchmarks.decode_step", "--models", "fastformer", "--batches", "1", "--context",
+           "16", "--repeats", "2", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert all(row[k] > 0 for k in ("torch_ms", "torch_plain_head_ms", "onnx_ms", "torch_vs_onnx"))
