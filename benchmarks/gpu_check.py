@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attnfree.inference.decoding import stream_generate
@@ -45,6 +44,7 @@ from attnfree.inference.sampling import Sampling
 from attnfree.ops.additive import additive_pool
 from attnfree.ops.correlation import correlation, make_lags
 from benchmarks.common import Row, Sizes, build, print_table, write_json
+from benchmarks.ops import _causal_sdpa, forward_backward
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_TESTS = ("tests/ops/test_additive_triton.py", "tests/ops/test_correlation_triton.py")
@@ -117,22 +117,6 @@ def kernel_tests() -> Row:
 # 2. the ops against flash attention
 # ----------------------------------------------------------------------------------------------
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
-
-
-def _fwd_bwd(op: Callable[..., Tensor], inputs: list[Tensor]) -> Callable[[], None]:
-    grad = torch.randn_like(op(*inputs))
-
-    def run() -> None:
-        op(*inputs).backward(grad)
-        for x in inputs:
-            x.grad = None
-
-    return run
-
-
 def op_times(shape: tuple[int, int, int, int], device: torch.device, repeats: int) -> dict[str, float]:
     """fwd+bwd ms of additive pooling, correlation (J = 4, the default lag set) and causal SDPA at one shape."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -144,13 +128,14 @@ def op_times(shape: tuple[int, int, int, int], device: torch.device, repeats: in
     ops: dict[str, tuple[Callable[..., Tensor], list[Tensor]]] = {
         "additive": (lambda x, s: additive_pool(x, s)[0], [randn(*shape), randn(*shape[:3])]),
         "correlation": (lambda q, k, v: correlation(q, k, v, lags, 4)[0], [randn(*shape) for _ in range(3)]),
-        "sdpa_flash": (_sdpa, [randn(*shape) for _ in range(3)])}
+        "sdpa_flash": (_causal_sdpa, [randn(*shape) for _ in range(3)])}
     flash = nullcontext()
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
         flash = cast(Any, sdpa_kernel(SDPBackend.FLASH_ATTENTION))
     with flash:
-        return {f"{name}_ms": median_ms(_fwd_bwd(op, inputs), device, repeats) for name, (op, inputs) in ops.items()}
+        return {f"{name}_ms": median_ms(forward_backward(inputs, op), device, repeats)
+                for name, (op, inputs) in ops.items()}
 
 
 def op_rows(plan: Plan, device: torch.device) -> list[Row]:
