@@ -94,6 +94,18 @@ def build(name: str, sizes: Sizes, n_positions: int, overrides: dict[str, Any] |
     return build_model(name, size, Ids(sizes.vocab_size), overrides)
 
 
+def training_setup(name: str, sizes: Sizes, seq_len: int, device: str | torch.device = "cpu"
+                   ) -> tuple[Any, torch.optim.Optimizer, torch.Tensor]:
+    """A fresh ``name`` (seed 0) on ``device`` in training mode, its AdamW (lr 1e-4) and random ids
+    [max(1, tokens / T), T]: what every training-speed benchmark times."""
+    torch.manual_seed(0)
+    model: Any = build(name, sizes, n_positions=seq_len)
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(2, sizes.vocab_size, (max(1, sizes.tokens // seq_len), seq_len), device=device)
+    return model, opt, ids
+
+
 def available(names: Iterable[str]) -> list[str]:
     """The names (or specs with overrides, ``fastformer:sequence_chunk=2048``) the registry knows; a note for each
     it does not (so a benchmark runs before a model exists)."""

@@ -104,9 +104,9 @@ def _via_stream_compiled(model: PreTrainedModel, prompt: Tensor, new_tokens: int
     return _via_stream(compiled, prompt, new_tokens)
 
 
-def _via_onnx(model: PreTrainedModel, prompt: Tensor, new_tokens: int) -> tuple[list[float], int | None]:
-    """The exported step graph (float32) in onnxruntime, greedy on numpy: what ``attnfree.inference.runtime`` does
-    per token. The prompt is prefilled in torch (chunked) and its state handed over; export time is not counted."""
+def onnx_step_session(model: torch.nn.Module) -> tuple[Any, list[str]]:
+    """The exported float32 step of ``model`` in an onnxruntime session with torch's thread count, and the names of
+    its state inputs (after ``input_ids``)."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as folder:
@@ -114,7 +114,13 @@ def _via_onnx(model: PreTrainedModel, prompt: Tensor, new_tokens: int) -> tuple[
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
         session = ort.InferenceSession(str(Path(folder) / "step.onnx"), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()][1:]
+    return session, [i.name for i in session.get_inputs()][1:]
+
+
+def _via_onnx(model: PreTrainedModel, prompt: Tensor, new_tokens: int) -> tuple[list[float], int | None]:
+    """The exported step graph (float32) in onnxruntime, greedy on numpy: what ``attnfree.inference.runtime`` does
+    per token. The prompt is prefilled in torch (chunked) and its state handed over; export time is not counted."""
+    session, names = onnx_step_session(model)
     times = [time.perf_counter()]
     with torch.no_grad():
         out = chunked_prefill(model, prompt)

@@ -12,37 +12,28 @@ advanced, so every call does the same work). ``vs_onnx``: a variant's median ove
 from __future__ import annotations
 
 import argparse
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import attnfree.models.base as base
 from attnfree.inference.decoding import chunked_prefill
-from attnfree.inference.export import export_step
 from attnfree.models.compat import output_cache
 from benchmarks.common import Row, Sizes, build, ints, print_table, round_robin, write_json
+from benchmarks.decode import onnx_step_session
 
 
 def variants(name: str, batch: int, context: int) -> dict[str, Callable[[], Any]]:
     """The three ways to run one step of ``name`` from the state after ``context`` tokens."""
-    import onnxruntime as ort
-
     torch.manual_seed(0)
     model = build(name, Sizes(), 1024, {"position_embedding_type": "none"}).eval()
     with torch.no_grad():
         out = chunked_prefill(model, torch.randint(2, Sizes.vocab_size, (batch, context)))
     cache = output_cache(out)
     token = out.logits[:, -1].argmax(-1)[:, None]
-    folder = tempfile.mkdtemp()
-    export_step(model, Path(folder) / "step.onnx")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
-    session = ort.InferenceSession(str(Path(folder) / "step.onnx"), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    feed = {names[0]: token.numpy(), **{n: t.numpy() for n, (_, t) in zip(names[1:], cache.flatten(), strict=True)}}
+    session, names = onnx_step_session(model)
+    feed = {"input_ids": token.numpy(), **{n: t.numpy() for n, (_, t) in zip(names, cache.flatten(), strict=True)}}
 
     def torch_step() -> None:
         step_cache = cache.with_tensors([t.clone() for _, t in cache.flatten()])

@@ -43,7 +43,7 @@ from attnfree.inference.decoding import stream_generate
 from attnfree.inference.sampling import Sampling
 from attnfree.ops.additive import additive_pool
 from attnfree.ops.correlation import correlation, make_lags
-from benchmarks.common import Row, Sizes, build, print_table, write_json
+from benchmarks.common import Row, Sizes, build, print_table, training_setup, write_json
 from benchmarks.ops import _causal_sdpa, forward_backward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,11 +157,7 @@ def op_rows(plan: Plan, device: torch.device) -> list[Row]:
 
 def train_step_ms(name: str, sizes: Sizes, T: int, device: torch.device, repeats: int) -> tuple[int, float]:
     """(batch, median ms) of one training step (forward, backward, AdamW) at [tokens / T, T]."""
-    torch.manual_seed(0)
-    model = cast(Any, build(name, sizes, n_positions=T)).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = max(1, sizes.tokens // T)
-    ids = torch.randint(2, sizes.vocab_size, (batch, T), device=device)
+    model, opt, ids = training_setup(name, sizes, T, device)
 
     def step() -> None:
         with autocast(device):
@@ -170,7 +166,7 @@ def train_step_ms(name: str, sizes: Sizes, T: int, device: torch.device, repeats
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return batch, median_ms(step, device, repeats)
+    return ids.shape[0], median_ms(step, device, repeats)
 
 
 def train_rows(plan: Plan, device: torch.device) -> list[Row]:

@@ -19,17 +19,14 @@ import torch
 
 from attnfree.evaluation.recall import state_bytes
 from attnfree.models.registry import split_model_list
-from benchmarks.common import Sizes, build, print_table, round_robin, write_json
+from benchmarks.common import Sizes, print_table, round_robin, training_setup, write_json
 
 
-def training_step(spec: str, sizes: Sizes, seq_len: int, batch: int) -> tuple[Callable[[], None], int, int]:
-    """(one AdamW training step at [batch, seq_len], parameters, decode-state bytes) of a fresh ``spec``."""
-    torch.manual_seed(0)
-    model = build(spec, sizes, n_positions=seq_len)
+def training_step(spec: str, sizes: Sizes, seq_len: int) -> tuple[Callable[[], None], int, int]:
+    """(one AdamW training step at [tokens / T, T], parameters, decode-state bytes) of a fresh ``spec``."""
+    model, opt, ids = training_setup(spec, sizes, seq_len)
     state = state_bytes(model.eval(), seq_len)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(3, sizes.vocab_size, (batch, seq_len))
 
     def step() -> None:
         model(input_ids=ids, labels=ids).loss.backward()
@@ -57,7 +54,7 @@ def main() -> None:
     specs = split_model_list(args.specs)
     steps, rows = {}, []
     for spec in specs:
-        steps[spec], params, state = training_step(spec, sizes, args.seq_len, args.batch)
+        steps[spec], params, state = training_step(spec, sizes, args.seq_len)
         rows.append({"spec": spec, "parameters": params, "state_bytes": state})
     seconds = round_robin(steps, args.repeats, warmup=2)
     speed = {spec: args.batch * args.seq_len / seconds[spec] for spec in specs}

@@ -38,13 +38,13 @@ from benchmarks.common import (
     Row,
     Sizes,
     available,
-    build,
     ints,
     median_time,
     peak_rss_mib,
     plot_lines,
     print_table,
     run_isolated,
+    training_setup,
     write_json,
 )
 
@@ -120,11 +120,7 @@ def component_times(model: torch.nn.Module, step: Callable[[], None], optimizer_
 
 def breakdown_point(name: str, seq_len: int, sizes: Sizes, steps: int) -> Row:
     """Median seconds per part of a training step at [tokens / T, T] (runs in a forked child)."""
-    torch.manual_seed(0)
-    model = build(name, sizes, n_positions=seq_len).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = max(1, sizes.tokens // seq_len)
-    ids = torch.randint(2, sizes.vocab_size, (batch, seq_len))
+    model, opt, ids = training_setup(name, sizes, seq_len)
 
     def step() -> None:
         model(input_ids=ids, labels=ids).loss.backward()
@@ -138,20 +134,17 @@ def breakdown_point(name: str, seq_len: int, sizes: Sizes, steps: int) -> Row:
     samples = [component_times(model, step, optimizer_step) for _ in range(steps)]
     parts = {p: statistics.median(s[p] for s in samples) for p in PARTS}
     total = sum(parts.values())
-    return {"batch": batch, "step_s": total, **{f"{p}_pct": 100 * v / total for p, v in parts.items()},
+    return {"batch": ids.shape[0], "step_s": total, **{f"{p}_pct": 100 * v / total for p, v in parts.items()},
             **{f"{p}_s": v for p, v in parts.items()}}
 
 
 def train_point(name: str, seq_len: int, sizes: Sizes, warmup: int, steps: int, max_seconds: float,
                 compiled: bool = False) -> Row:
     """Median step time of forward + backward + AdamW at [B, T] = [tokens / T, T] (runs in a forked child)."""
-    torch.manual_seed(0)
-    model = build(name, sizes, n_positions=seq_len).train()
+    model, opt, ids = training_setup(name, sizes, seq_len)
     forward = torch.compile(model) if compiled else model
     baseline = peak_rss_mib()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = max(1, sizes.tokens // seq_len)
-    ids = torch.randint(2, sizes.vocab_size, (batch, seq_len))
+    batch = ids.shape[0]
 
     def step() -> None:
         forward(input_ids=ids, labels=ids).loss.backward()
