@@ -47,7 +47,6 @@ def run_settings(path: str | Path) -> dict[str, Any] | None:
     """The training settings recorded in the run folder's run.json; for a ``checkpoint-N`` folder, its run's (None
     without one: a run still training has written none yet)."""
     folder = Path(path)
-    for run in (folder / RUN_FILE, folder.parent / RUN_FILE if folder.name.startswith("checkpoint-") else None):
-        if run is not None and run.is_file():
-            return dict(json.loads(run.read_text())["settings"])
-    return None
+    runs = [folder / RUN_FILE] + ([folder.parent / RUN_FILE] if folder.name.startswith("checkpoint-") else [])
+    run = next((r for r in runs if r.is_file()), None)
+    return dict(json.loads(run.read_text())["settings"]) if run is not None else None

@@ -471,7 +471,6 @@ def as_tensor(x: Tensor | list[Tensor] | tuple[Tensor, ...] | None) -> Tensor | 
 _STANDARD_OUTPUTS = {"loss", "logits", "cache", "past_key_values", "hidden_states", "attentions"}
 
 
-# our prepare_inputs_for_generation takes fewer arguments than GenerationMixin's, hence the ignore
 def _tracing() -> bool:
     """Inside torch.compile, an ONNX export or a jit trace (where the decoding head's cached copy must not enter
     the graph as a second constant copy of the weight)."""
@@ -494,6 +493,7 @@ def decode_head(head: nn.Linear, h: Tensor) -> Tensor:
     return out + head.bias if head.bias is not None else out
 
 
+# our prepare_inputs_for_generation takes fewer arguments than GenerationMixin's, hence the ignore
 class RecurrentForCausalLM(RecurrentGenerationMixin, RecurrentPreTrainedModel, GenerationMixin):  # type: ignore[misc]
     """Backbone + tied LM head; the loss shifts labels inside, like GPT-2.
 

@@ -328,6 +328,9 @@ class Engine:
     def _held(self) -> int:
         return len(self._prefilling) + len(self._running) + len(self._paused)
 
+    def _all_streams(self) -> list[Stream]:
+        return list(self._pending) + self._prefilling + self._running + self._paused
+
     def stats(self) -> dict[str, Any]:
         with self._cond:
             total = (self._cache.nbytes() if self._cache is not None else 0) + sum(
@@ -352,7 +355,7 @@ class Engine:
                     self._iteration()
                 except Exception as error:  # a bug must not leave every client waiting forever
                     self._fail_all(error)
-        for stream in list(self._pending) + self._prefilling + self._running + self._paused:  # shutting down
+        for stream in self._all_streams():  # shutting down: tell whoever still listens
             self._send(stream, Event("error", text="the server is shutting down", finish_reason="error"))
 
     def _work(self) -> bool:
@@ -401,7 +404,8 @@ class Engine:
                     self._running[i].cache = self._cache.select([i])
                     self._paused.append(self._running[i])
                     self.counters["pauses"] += 1
-                keep = [i for i in range(len(self._running)) if i not in set(behind)]
+                paused = set(behind)
+                keep = [i for i in range(len(self._running)) if i not in paused]
                 self._running = [self._running[i] for i in keep]
                 self._cache = self._cache.select(keep) if keep else None
             ready = [s for s in self._paused if s.backlog < self.max_buffered // 2]
@@ -534,7 +538,7 @@ class Engine:
 
     def _fail_all(self, error: Exception) -> None:
         with self._cond:
-            streams = list(self._pending) + self._prefilling + self._running + self._paused
+            streams = self._all_streams()
             self._pending.clear()
             self._prefilling, self._running, self._paused, self._cache = [], [], [], None
         for stream in streams:
