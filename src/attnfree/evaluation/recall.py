@@ -139,29 +139,11 @@ def answer_accuracy(model: torch.nn.Module, inputs: torch.Tensor, targets: torch
 
 def state_bytes(model: torch.nn.Module, seq_len: int) -> int:
     """Bytes of what the model carries to decode the next token after ``seq_len`` tokens (one sequence): a recurrent
-    state of constant size for the attention-free models, the KV cache (growing with T) for GPT-2."""
-    with torch.no_grad():
-        out = model(input_ids=torch.zeros(1, seq_len, dtype=torch.long), use_cache=True)
-    from attnfree.models.compat import output_cache
+    state of constant size for the attention-free models, the KV cache (growing with T) for GPT-2
+    (``models.decode_state``)."""
+    from attnfree.models.decode_state import decode_state_bytes
 
-    cache = output_cache(out)
-    for name in ("state", "cache_params"):  # RWKV's and (older releases') Mamba's names
-        cache = cache if cache is not None else getattr(out, name, None)
-    return _tensor_bytes(cache, set())
-
-
-def _tensor_bytes(obj: Any, seen: set[int]) -> int:
-    """Bytes of every distinct tensor reachable from ``obj`` (attributes, sequences, dicts)."""
-    if id(obj) in seen or obj is None or isinstance(obj, (int, float, str, bool)):
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v, seen) for v in obj)
-    return sum(_tensor_bytes(v, seen) for v in getattr(obj, "__dict__", {}).values())
+    return decode_state_bytes(model, seq_len)
 
 
 @dataclass

@@ -1,14 +1,24 @@
-"""The attention-free models users pick today, from transformers' own classes: RWKV-4 and Mamba (and Mamba-2).
+"""The sub-quadratic models users pick today, from transformers' own classes: RWKV-4, Mamba, Mamba-2 and Griffin.
 
 Like the GPT-2 baseline, nothing here is ours but the sizing: each peer is the stock implementation, sized so that
-its parameter count is within 5% of the GPT-2 baseline of the same ``ModelSize`` (``matched_sizes``). One integer
-knob per peer does it: RWKV's channel-mix width (its layers and width follow the shared sizes), Mamba's number of
-layers (a Mamba layer holds about half a transformer layer's parameters at expand 2). Input and output embeddings
-are tied, as in every other model here.
+its parameter count is within 5% of the GPT-2 baseline of the same ``ModelSize``. One integer knob per peer does it,
+the rest of each design kept as its authors published it:
 
-On CPU, transformers runs Mamba's reference scan (a Python loop over time; no CUDA kernel): about 1.6 s per
-training step at width 128 and block 64, twenty times RWKV's. RWKV runs its PyTorch WKV loop over time too.
-Both ignore ``attention_mask``: they are trained and scored here on unpadded windows only.
+- ``rwkv`` (RWKV-4, ``RwkvForCausalLM``): the shared width and layers; knob: the channel-mix width.
+- ``mamba`` (``MambaForCausalLM``): expand 2, state 16, conv 4; knob: the number of layers. With the optional
+  ``mambapy`` package installed (``pip install "attnfree[mamba]"``) its training scan is mambapy's parallel scan
+  (``use_mambapy``) instead of transformers' sequential loop over time.
+- ``mamba2`` (Mamba-2, ``Mamba2ForCausalLM``): expand 2, head size 32 (so 2C/32 SSD heads), one group, state 64,
+  conv 4, SSD chunks of ``min(64, n_positions)``; knob: the number of layers.
+- ``griffin`` (RecurrentGemma, ``RecurrentGemmaForCausalLM``: Griffin's RG-LRU recurrence plus local attention):
+  the shared width, layers and heads; blocks recurrent, recurrent, attention, repeated (``griffin_blocks``); one
+  key-value head
+  (multi-query, as Griffin); RG-LRU width = C; the local-attention window is half the training length, capped at
+  2,048 (Griffin's ratio: 1,024-token windows at 2,048-token training); knob: the gated MLP's width.
+
+Input and output embeddings are tied, as in every other model here. None of the peers reads ``attention_mask`` as
+ours do: they are trained and scored here on unpadded windows only. ``decode_state_bytes`` measures what each one
+carries from token to token.
 """
 
 from __future__ import annotations
@@ -65,42 +75,90 @@ def mamba_config(hidden_size: int, num_layers: int, vocab_size: int, bos: int, e
                        tie_word_embeddings=True, **extra)
 
 
+def mamba2_config(hidden_size: int, num_layers: int, n_positions: int, vocab_size: int, bos: int, eos: int, pad: int,
+                  **extra: Any) -> PreTrainedConfig:
+    from transformers import Mamba2Config
+
+    head_dim, expand = 32, 2
+    return Mamba2Config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, expand=expand,
+                        head_dim=head_dim, num_heads=expand * hidden_size // head_dim, n_groups=1, state_size=64,
+                        conv_kernel=4, chunk_size=min(64, n_positions), bos_token_id=bos, eos_token_id=eos,
+                        pad_token_id=pad, tie_word_embeddings=True, **extra)
+
+
+def griffin_window(n_positions: int) -> int:
+    """Griffin's local-attention window for a model trained on ``n_positions`` tokens: half of it, at most 2,048."""
+    return max(1, min(2048, n_positions // 2))
+
+
+def griffin_blocks(num_layers: int) -> list[str]:
+    """Griffin's pattern, two recurrent blocks then one local-attention block, repeated; with two layers one of each,
+    so that every model has its attention (transformers' RecurrentGemma cannot decode without an attention block)."""
+    if num_layers < 2:
+        raise ValueError(f"griffin needs at least 2 layers (a recurrent and a local-attention block), got {num_layers}")
+    return ["recurrent", "recurrent", "attention"] if num_layers >= 3 else ["recurrent", "attention"]
+
+
+def griffin_config(hidden_size: int, n_heads: int, num_layers: int, n_positions: int, vocab_size: int, bos: int,
+                   eos: int, pad: int, intermediate: int, **extra: Any) -> PreTrainedConfig:
+    from transformers import RecurrentGemmaConfig
+
+    return RecurrentGemmaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                                lru_width=hidden_size, num_attention_heads=n_heads, num_key_value_heads=1,
+                                attention_window_size=griffin_window(n_positions), intermediate_size=intermediate,
+                                block_types=griffin_blocks(num_layers), bos_token_id=bos,
+                                eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=True, **extra)
+
+
+def mambapy_available() -> bool:
+    """Whether the optional ``mambapy`` package (Mamba's parallel scan on any device) is installed."""
+    from importlib.util import find_spec
+
+    return find_spec("mambapy") is not None
+
+
 def build_peer(config: PreTrainedConfig) -> PreTrainedModel:
-    """The transformers causal LM of a peer's config (RWKV or Mamba), freshly initialised."""
+    """The transformers causal LM of a peer's config, freshly initialised."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_config(config)
 
 
-def rwkv_sizes(size: Any, ids: Any) -> dict[str, Any]:
-    """RwkvConfig fields: the shared width and layers, the channel-mix width matched to GPT-2's parameters."""
-    target = gpt2_parameters(size.hidden_size, size.n_heads, size.num_layers, size.n_positions, ids.vocab_size)
-    step = 16
-
-    def count(intermediate: int) -> int:
-        config = rwkv_config(size.hidden_size, size.num_layers, ids.vocab_size, ids.bos_token_id,
-                             ids.eos_token_id, intermediate)
-        return count_on_meta(lambda: build_peer(config))
-
-    intermediate, _ = closest(target, range(step, 8 * size.hidden_size + step, step), count, "rwkv")
-    config = rwkv_config(size.hidden_size, size.num_layers, ids.vocab_size, ids.bos_token_id, ids.eos_token_id,
-                         intermediate)
+def matched(name: str, size: Any, knobs: Iterable[int], make: Callable[[int], PreTrainedConfig]) -> dict[str, Any]:
+    """The fields of ``make(knob)`` for the knob whose model's parameter count is closest to the matched GPT-2's."""
+    target = gpt2_parameters(size.hidden_size, size.n_heads, size.num_layers, size.n_positions,
+                             make(next(iter(knobs))).vocab_size)
+    knob, _ = closest(target, knobs, lambda k: count_on_meta(lambda: build_peer(make(k))), name)
+    config = make(knob)
     return {k: v for k, v in config.to_dict().items() if k in _fields(config)}
+
+
+def rwkv_sizes(size: Any, ids: Any) -> dict[str, Any]:
+    """RwkvConfig fields: the shared width and layers; knob: the channel-mix width."""
+    return matched("rwkv", size, range(16, 8 * size.hidden_size + 16, 16), lambda inner: rwkv_config(
+        size.hidden_size, size.num_layers, ids.vocab_size, ids.bos_token_id, ids.eos_token_id, inner))
 
 
 def mamba_sizes(size: Any, ids: Any) -> dict[str, Any]:
-    """MambaConfig fields: the shared width, the number of layers matched to GPT-2's parameters."""
-    target = gpt2_parameters(size.hidden_size, size.n_heads, size.num_layers, size.n_positions, ids.vocab_size)
+    """MambaConfig fields: the shared width; knob: the number of layers; mambapy's scan when it is installed."""
+    return matched("mamba", size, range(1, 4 * size.num_layers + 1), lambda layers: mamba_config(
+        size.hidden_size, layers, ids.vocab_size, ids.bos_token_id, ids.eos_token_id, ids.pad_token_id,
+        use_mambapy=mambapy_available()))
 
-    def count(layers: int) -> int:
-        config = mamba_config(size.hidden_size, layers, ids.vocab_size, ids.bos_token_id, ids.eos_token_id,
-                              ids.pad_token_id)
-        return count_on_meta(lambda: build_peer(config))
 
-    layers, _ = closest(target, range(1, 4 * size.num_layers + 1), count, "mamba")
-    config = mamba_config(size.hidden_size, layers, ids.vocab_size, ids.bos_token_id, ids.eos_token_id,
-                          ids.pad_token_id)
-    return {k: v for k, v in config.to_dict().items() if k in _fields(config)}
+def mamba2_sizes(size: Any, ids: Any) -> dict[str, Any]:
+    """Mamba2Config fields: the shared width; knob: the number of layers."""
+    return matched("mamba2", size, range(1, 4 * size.num_layers + 1), lambda layers: mamba2_config(
+        size.hidden_size, layers, size.n_positions, ids.vocab_size, ids.bos_token_id, ids.eos_token_id,
+        ids.pad_token_id))
+
+
+def griffin_sizes(size: Any, ids: Any) -> dict[str, Any]:
+    """RecurrentGemmaConfig fields: the shared width, heads and layers; knob: the gated MLP's width (half of it in
+    each of its two branches)."""
+    return matched("griffin", size, range(32, 16 * size.hidden_size + 32, 32), lambda inner: griffin_config(
+        size.hidden_size, size.n_heads, size.num_layers, size.n_positions, ids.vocab_size, ids.bos_token_id,
+        ids.eos_token_id, ids.pad_token_id, inner))
 
 
 def _fields(config: PreTrainedConfig) -> set[str]:

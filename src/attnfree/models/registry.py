@@ -25,9 +25,11 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     GPT2Config,
+    Mamba2Config,
     MambaConfig,
     PreTrainedConfig,
     PreTrainedModel,
+    RecurrentGemmaConfig,
     RwkvConfig,
 )
 
@@ -41,7 +43,7 @@ from attnfree.models.leviathan import (
     LeviathanMoEConfig,
     LeviathanMoEForCausalLM,
 )
-from attnfree.models.peers import build_peer, mamba_sizes, rwkv_sizes
+from attnfree.models.peers import build_peer, griffin_sizes, mamba2_sizes, mamba_sizes, rwkv_sizes
 
 
 @dataclass(frozen=True)
@@ -242,3 +244,5 @@ register_model("leviathan-moe", LeviathanMoEConfig, LeviathanMoEForCausalLM)
 register_model("gpt2", GPT2Config, build_gpt2, baseline_gpt2_sizes, auto=False)
 register_model("rwkv", RwkvConfig, build_peer, rwkv_sizes, auto=False)
 register_model("mamba", MambaConfig, build_peer, mamba_sizes, auto=False)
+register_model("mamba2", Mamba2Config, build_peer, mamba2_sizes, auto=False)
+register_model("griffin", RecurrentGemmaConfig, build_peer, griffin_sizes, auto=False)
