@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from attnfree.ops.backend import use_kernel_backend
-from attnfree.ops.correlation import correlation, correlation_parallel, make_lags
+from attnfree.ops.correlation import LagSet, correlation, correlation_parallel, make_lags
 from benchmarks.common import write_json
 
 SHAPES = [(4, 1024, 4, 64), (1, 4096, 4, 64)]  # [B, T, H, D]
@@ -65,7 +65,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _correlation(segment: int) -> Op:
     """correlation_parallel with the default lag set make_lags(32, 1024) and segment length J."""
     lags = make_lags(32, 1024)
-    return lambda q, k, v: correlation_parallel(q, k, v, lags, segment)[0]
+    return lambda q, k, v: correlation_parallel(q, k, v, LagSet(lags, segment))[0]
 
 
 def _correlation_triton(segment: int) -> Op:
@@ -74,7 +74,7 @@ def _correlation_triton(segment: int) -> Op:
 
     def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         with use_kernel_backend("triton"):
-            return correlation(q, k, v, lags, segment)[0]
+            return correlation(q, k, v, LagSet(lags, segment))[0]
 
     return op
 

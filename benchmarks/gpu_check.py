@@ -42,7 +42,7 @@ from torch import Tensor
 from attnfree.inference.decoding import stream_generate
 from attnfree.inference.sampling import Sampling
 from attnfree.ops.additive import additive_pool
-from attnfree.ops.correlation import correlation, make_lags
+from attnfree.ops.correlation import LagSet, correlation, make_lags
 from benchmarks.common import Row, Sizes, build, print_table, training_setup, write_json
 from benchmarks.ops import _causal_sdpa, forward_backward
 
@@ -127,7 +127,7 @@ def op_times(shape: tuple[int, int, int, int], device: torch.device, repeats: in
     lags = make_lags(32, shape[1]).to(device)
     ops: dict[str, tuple[Callable[..., Tensor], list[Tensor]]] = {
         "additive": (lambda x, s: additive_pool(x, s)[0], [randn(*shape), randn(*shape[:3])]),
-        "correlation": (lambda q, k, v: correlation(q, k, v, lags, 4)[0], [randn(*shape) for _ in range(3)]),
+        "correlation": (lambda q, k, v: correlation(q, k, v, LagSet(lags, 4))[0], [randn(*shape) for _ in range(3)]),
         "sdpa_flash": (_causal_sdpa, [randn(*shape) for _ in range(3)])}
     flash = nullcontext()
     if device.type == "cuda":

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnfree.ops.additive import additive_pool_parallel
-from attnfree.ops.correlation import correlation_parallel, make_lags
+from attnfree.ops.correlation import LagSet, correlation_parallel, make_lags
 from benchmarks.common import Row, plot_lines, print_table, round_robin, write_json
 
 Shape = tuple[int, int, int, int]  # [B, T, H, D]
@@ -48,7 +48,7 @@ def _additive(shape: Shape) -> Op:  # x [B, T, H, D], scores [B, T, H]
 
 def _correlation(shape: Shape) -> Op:  # q, k, v [B, T, H, D], the default lag set make_lags(32, T), J = 4
     lags = make_lags(32, shape[1])
-    return [torch.randn(shape) for _ in range(3)], lambda q, k, v: correlation_parallel(q, k, v, lags, 4)[0]
+    return [torch.randn(shape) for _ in range(3)], lambda q, k, v: correlation_parallel(q, k, v, LagSet(lags, 4))[0]
 
 
 def _cumsum(shape: Shape) -> Op:

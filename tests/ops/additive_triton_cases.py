@@ -16,7 +16,13 @@ import os
 import pytest
 import torch
 
-from attnfree.ops.additive import AdditiveState, additive_pool, additive_pool_naive, additive_pool_parallel
+from attnfree.ops.additive import (
+    AdditiveState,
+    PoolOptions,
+    additive_pool,
+    additive_pool_naive,
+    additive_pool_parallel,
+)
 from attnfree.ops.backend import use_kernel_backend
 from attnfree.testing import assert_close
 
@@ -49,9 +55,9 @@ def make_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, scale: float
     return leaves[0], leaves[1], mask.to(DEVICE)
 
 
-def run(fn, x, a, mask, do, state=None, dsT=None, dzT=None, **kw):
+def run(fn, x, a, mask, do, state=None, dsT=None, dzT=None, chunk_size=16, **kw):
     """Forward, then backward of <g, do> (+ <s_T, dsT> + <z_T, dzT>). Returns (g, final state, grads)."""
-    out, final = fn(x, a, mask, state, True, **kw)
+    out, final = fn(x, a, mask, state, PoolOptions(True, chunk_size=chunk_size), **kw)
     loss = (out.float() * do).sum()
     if dsT is not None:
         loss = loss + (final.s * dsT).sum() + (final.z * dzT).sum()
@@ -109,7 +115,7 @@ def test_state_in_and_out_and_their_gradients_match_parallel():
     x, a, mask = make_inputs(B, T, H, D, torch.float32, seed=2)
     x0, a0, m0 = make_inputs(B, 20, H, D, torch.float32, seed=3)
     m0[0] = False  # row 0 arrives with an empty state (z = 0, m = -inf)
-    _, prev = additive_pool_parallel(x0.detach(), a0.detach(), m0, None, True)
+    _, prev = additive_pool_parallel(x0.detach(), a0.detach(), m0, None, PoolOptions(True))
     g = torch.Generator().manual_seed(4)
     do, dsT, dzT = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((B, T, H, D), (B, H, D), (B, H)))
     results = []
@@ -141,7 +147,7 @@ def test_leading_padding_gives_zero_not_nan():
     x, a, _ = make_inputs(2, 20, 1, 16, torch.float32)
     mask = torch.zeros(2, 20, dtype=torch.bool, device=DEVICE)
     mask[0, 5:] = True
-    out, _ = kernels.additive_pool_triton(x, a, mask, chunk_size=16)
+    out, _ = kernels.additive_pool_triton(x, a, mask, options=PoolOptions(chunk_size=16))
     out.sum().backward()
     assert (out[0, :5] == 0).all() and (out[1] == 0).all()
     assert torch.isfinite(x.grad).all() and torch.isfinite(a.grad).all()
@@ -152,12 +158,13 @@ def test_dispatcher_and_layer_run_the_kernels():
     """Forced 'triton': the dispatcher calls the kernels (interpreted ones on CPU), and a Fastformer layer
     gives the same outputs and parameter gradients as with 'torch'."""
     from attnfree.layers.additive_attention import FastformerAttention
+    from attnfree.layers.sublayer import BlockContext
     from attnfree.testing import perturb
 
     if INTERPRET:  # proof that these are the interpreter's kernels, not compiled ones
         assert type(kernels._additive_fwd_kernel).__name__ == "InterpretedFunction"
         assert type(kernels._additive_bwd_kernel).__name__ == "InterpretedFunction"
-    layer = perturb(FastformerAttention(32, 2, 0.0, 1e-5, "raw", 16, decay="fixed")).to(DEVICE)
+    layer = perturb(FastformerAttention(32, 2, 0.0, 1e-5, 16, decay="fixed")).to(DEVICE)
     h = randn(3, 33, 32, seed=9)
     positions = torch.arange(33, device=DEVICE).expand(3, 33)
     mask = torch.ones(3, 33, dtype=torch.bool, device=DEVICE)
@@ -165,7 +172,7 @@ def test_dispatcher_and_layer_run_the_kernels():
     results = []
     for backend in ("triton", "torch"):
         with use_kernel_backend(backend):
-            out = layer(h, positions, mask)
+            out = layer(h, BlockContext(mask, positions))
             grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
         results.append((out.detach(), grads))
     assert_close("layer out", results[0][0], results[1][0], RTOL[torch.float32])
@@ -178,9 +185,9 @@ def test_dispatcher_and_layer_run_the_kernels():
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_larger_against_parallel(dtype):
-    """[4, 256, 4, 64] with the default chunk: the size the fast cases stay below."""
+    """[4, 256, 4, 64] with chunks of 64: the size the fast cases stay below."""
     x, a, mask = make_inputs(4, 256, 4, 64, dtype, scale=10.0, seed=6)
     do = randn(4, 256, 4, 64)
-    got = run(kernels.additive_pool_triton, x, a, mask, do)
+    got = run(kernels.additive_pool_triton, x, a, mask, do, chunk_size=64)
     ref = run(additive_pool_naive, x.double(), a.double(), mask, do.double())
     compare("T=256", got, ref, RTOL[dtype])

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from attnfree.ops.backend import use_kernel_backend
-from attnfree.ops.correlation import correlation, correlation_naive, correlation_parallel, make_lags
+from attnfree.ops.correlation import LagSet, correlation, correlation_naive, correlation_parallel, make_lags
 from attnfree.testing import assert_close
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -25,6 +25,7 @@ if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("needs TRITON_INTERPRET=1 or CUDA (run through test_correlation_triton.py)", allow_module_level=True)
 
 from attnfree.layers.correlation import MultiHeadedCorrelation  # noqa: E402
+from attnfree.layers.sublayer import BlockContext  # noqa: E402
 from attnfree.ops.correlation import triton as kernels  # noqa: E402  (after the environment check)
 
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -51,7 +52,7 @@ def make_inputs(T: int, H: int, D: int, dtype: torch.dtype, seed: int = 0):
 def run(op, q, k, v, do, lags, segment, mask, **kw):
     """o and the gradients of <o, do> with respect to q, k, v (fresh leaves)."""
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    o, _ = op(*leaves, lags, segment, mask, **kw)
+    o, _ = op(*leaves, LagSet(lags, segment), mask, **kw)
     grads = torch.autograd.grad((o.float() * do.float()).sum(), leaves)
     return [o.detach(), *grads]
 
@@ -108,8 +109,8 @@ def test_state_in_and_out_match_parallel():
     first, rest = slice(0, 20), slice(20, 37)
     states = {}
     for name, op in (("triton", kernels.correlation_triton), ("parallel", correlation_parallel)):
-        o1, s1 = op(q[:, first], k[:, first], v[:, first], lags, 4, mask[:, first], output_final_state=True)
-        o2, s2 = op(q[:, rest], k[:, rest], v[:, rest], lags, 4, mask[:, rest], s1, True)
+        o1, s1 = op(q[:, first], k[:, first], v[:, first], LagSet(lags, 4), mask[:, first], output_final_state=True)
+        o2, s2 = op(q[:, rest], k[:, rest], v[:, rest], LagSet(lags, 4), mask[:, rest], s1, True)
         states[name] = (torch.cat([o1, o2], 1), s2)
     (o, s), (ro, rs) = states["triton"], states["parallel"]
     assert_close("o", o, ro)
@@ -121,13 +122,13 @@ def test_state_in_and_out_match_parallel():
 def test_layer_dispatches_to_the_kernels():
     """The Leviathan token mixer, forced onto 'triton', gives the outputs and gradients of 'torch'."""
     torch.manual_seed(0)
-    layer = MultiHeadedCorrelation(48, 3, make_lags(8, 64), 4, 0.0, 1e-5).to(DEVICE)
+    layer = MultiHeadedCorrelation(48, 3, LagSet(make_lags(8, 64), 4), 0.0, 1e-5).to(DEVICE)
     x = torch.randn(2, 21, 48, device=DEVICE)
     results = {}
     for backend in ("triton", "torch"):
         with use_kernel_backend(backend):
             xi = x.clone().requires_grad_()
-            y = layer(xi)
+            y = layer(xi, BlockContext(None, torch.arange(21, device=DEVICE).expand(2, 21)))
             y.square().sum().backward()
             results[backend] = (y.detach(), xi.grad, layer.qkv.weight.grad.clone())
             layer.zero_grad()
@@ -140,8 +141,8 @@ def test_dispatcher_picks_the_kernels_when_forced():
     lags = LAG_SETS["gaps"]
     _, (q, k, v, _), mask = make_inputs(20, 2, 10, torch.float32)
     with use_kernel_backend("triton"):
-        o, _ = correlation(q, k, v, lags, 4, mask.to(DEVICE))
-    expected, _ = kernels.correlation_triton(q, k, v, lags, 4, mask.to(DEVICE))
+        o, _ = correlation(q, k, v, LagSet(lags, 4), mask.to(DEVICE))
+    expected, _ = kernels.correlation_triton(q, k, v, LagSet(lags, 4), mask.to(DEVICE))
     assert torch.equal(o, expected)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnfree.ops.additive import (
-    ADDITIVE_POOL_IMPLS,
+    PoolOptions,
     additive_pool_naive,
     additive_pool_parallel,
     additive_pool_recurrent,
@@ -12,6 +12,9 @@ from attnfree.ops.additive import (
     init_additive_state,
 )
 from attnfree.testing import assert_close
+
+IMPLS = {"naive": additive_pool_naive, "parallel": additive_pool_parallel, "recurrent": additive_pool_recurrent}
+FINAL = PoolOptions(output_final_state=True)
 
 SIZES = [  # (B, T, H, D)
     pytest.param(3, 1, 2, 8, id="T1"),
@@ -32,7 +35,7 @@ def make_inputs(B, T, H, D, dtype, scale=3.0, seed=0, left_pad=True):
 
 
 def run(fn, x, a, mask, do, **kw):
-    out, state = fn(x, a, mask, None, True, **kw)
+    out, state = fn(x, a, mask, None, PoolOptions(output_final_state=True, **kw))
     (out.float() * do).sum().backward()
     grads = (x.grad.clone(), a.grad.clone())
     x.grad = a.grad = None
@@ -74,8 +77,8 @@ def test_parallel_long_matches_recurrent(chunk):
 def test_extreme_scores_are_finite_and_exact(name, dtype, scale):
     """|score| up to 1e4: no overflow, no 0/0, equal to the float64 reference on the same inputs."""
     x, a, mask = make_inputs(3, 70, 2, 16, dtype, scale=scale)
-    out, state = ADDITIVE_POOL_IMPLS[name](x, a, mask, None, True)
-    ref, ref_state = additive_pool_naive(x, a, mask, None, True)
+    out, state = IMPLS[name](x, a, mask, None, FINAL)
+    ref, ref_state = additive_pool_naive(x, a, mask, None, FINAL)
     assert torch.isfinite(out).all() and all(torch.isfinite(t[~torch.isinf(t)]).all() for t in state)
     assert_close(f"{name} out", out, ref.to(out.dtype))
     (out.float().sum()).backward()
@@ -94,7 +97,7 @@ def test_leading_padding_gives_zero_not_nan():
     x, a, _ = make_inputs(2, 10, 1, 4, torch.float32)
     mask = torch.zeros(2, 10, dtype=torch.bool)
     mask[0, 5:] = True
-    for fn in ADDITIVE_POOL_IMPLS.values():
+    for fn in IMPLS.values():
         out, _ = fn(x, a, mask)
         assert torch.isfinite(out).all()
         assert (out[0, :5] == 0).all() and (out[1] == 0).all()
@@ -103,20 +106,20 @@ def test_leading_padding_gives_zero_not_nan():
 def test_padding_equals_alone():
     """A left-padded row gives the same outputs as the row without its padding."""
     x, a, mask = make_inputs(3, 40, 2, 5, torch.float64)
-    out, _ = additive_pool_parallel(x, a, mask, chunk_size=8)
+    out, _ = additive_pool_parallel(x, a, mask, options=PoolOptions(chunk_size=8))
     real = mask[1]
-    alone, _ = additive_pool_parallel(x[1:2, real], a[1:2, real], chunk_size=8)
+    alone, _ = additive_pool_parallel(x[1:2, real], a[1:2, real], options=PoolOptions(chunk_size=8))
     assert_close("padded vs alone", out[1, real], alone[0])
 
 
 def test_causality():
     """Changing position j never changes an output before j."""
     x, a, _ = make_inputs(2, 50, 2, 6, torch.float64)
-    out, _ = additive_pool_parallel(x, a, chunk_size=8)
+    out, _ = additive_pool_parallel(x, a, options=PoolOptions(chunk_size=8))
     x2, a2 = x.detach().clone(), a.detach().clone()
     x2[:, 30] += 10.0
     a2[:, 30] += 50.0
-    out2, _ = additive_pool_parallel(x2, a2, chunk_size=8)
+    out2, _ = additive_pool_parallel(x2, a2, options=PoolOptions(chunk_size=8))
     assert torch.equal(out[:, :30], out2[:, :30])
     assert not torch.allclose(out[:, 30:], out2[:, 30:])
 
@@ -125,10 +128,10 @@ def test_causality():
 def test_prefill_then_continue(split):
     """State handed from one call to the next: parallel(prefix) + parallel/recurrent(rest) == parallel(all)."""
     x, a, mask = make_inputs(3, 40, 2, 5, torch.float64, scale=10.0)
-    full, full_state = additive_pool_parallel(x, a, mask, None, True, chunk_size=8)
-    _, st = additive_pool_parallel(x[:, :split], a[:, :split], mask[:, :split], None, True, chunk_size=8)
+    full, full_state = additive_pool_parallel(x, a, mask, None, PoolOptions(True, chunk_size=8))
+    _, st = additive_pool_parallel(x[:, :split], a[:, :split], mask[:, :split], None, PoolOptions(True, chunk_size=8))
     for fn in (additive_pool_parallel, additive_pool_recurrent, additive_pool_naive):
-        rest, end = fn(x[:, split:], a[:, split:], mask[:, split:], st, True)
+        rest, end = fn(x[:, split:], a[:, split:], mask[:, split:], st, FINAL)
         assert_close(f"{fn.__name__} continued", rest, full[:, split:])
         for s, r in zip(end, full_state):
             assert_close(f"{fn.__name__} final state", s, r)
@@ -155,7 +158,7 @@ def test_in_place_step_matches_step():
 
 
 def _bonus_run(fn, x, a, u, mask, do, state=None, **kw):
-    out, final = fn(x, a, mask, state, True, bonus=u, **kw)
+    out, final = fn(x, a, mask, state, PoolOptions(True, bonus=u, **kw))
     (out.float() * do).sum().backward()
     grads = (x.grad.clone(), a.grad.clone(), u.grad.clone())
     x.grad = a.grad = u.grad = None
@@ -187,12 +190,12 @@ def test_the_current_token_bonus_in_every_form(B, T, H, D, dtype, scale):
 def test_a_zero_bonus_is_no_bonus_and_it_continues_from_a_state():
     x, a, mask = make_inputs(2, 40, 3, 5, torch.float64)
     zero = torch.zeros(3, dtype=torch.float64)
-    plain = additive_pool_parallel(x, a, mask, None, True)[0]
-    assert_close("u = 0", additive_pool_parallel(x, a, mask, None, True, bonus=zero)[0], plain)
+    plain = additive_pool_parallel(x, a, mask, None, FINAL)[0]
+    assert_close("u = 0", additive_pool_parallel(x, a, mask, None, PoolOptions(True, bonus=zero))[0], plain)
     u = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
-    full = additive_pool_naive(x, a, mask, None, False, bonus=u)[0]
-    head, state = additive_pool_parallel(x[:, :17], a[:, :17], mask[:, :17], None, True, bonus=u)
-    tail = additive_pool_parallel(x[:, 17:], a[:, 17:], mask[:, 17:], state, False, bonus=u)[0]
+    full = additive_pool_naive(x, a, mask, None, PoolOptions(bonus=u))[0]
+    head, state = additive_pool_parallel(x[:, :17], a[:, :17], mask[:, :17], None, PoolOptions(True, bonus=u))
+    tail = additive_pool_parallel(x[:, 17:], a[:, 17:], mask[:, 17:], state, PoolOptions(bonus=u))[0]
     assert_close("prefill + continue", torch.cat([head, tail], 1), full)
     s = init_additive_state(2, 3, 5, torch.float64)
     steps = [additive_pool_step_(x[:, t].detach(), a[:, t].detach(), s, u) for t in range(40)]

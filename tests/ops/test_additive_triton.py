@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnfree.ops.additive import additive_pool, additive_pool_parallel
+from attnfree.ops.additive import PoolOptions, additive_pool, additive_pool_parallel
 from attnfree.ops.backend import use_kernel_backend
 from attnfree.testing import assert_close
 
@@ -47,9 +47,10 @@ def test_cpu_dispatch_runs_the_pytorch_form(backend, monkeypatch):
     """On CPU tensors 'auto' and 'torch' both give the parallel form's result, without importing the kernels."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, a = torch.randn(2, 9, 2, 8), torch.randn(2, 9, 2)
+    options = PoolOptions(output_final_state=True, chunk_size=4)
     with use_kernel_backend(backend):
-        out, state = additive_pool(x, a, None, None, True, 4)
-    ref, ref_state = additive_pool_parallel(x, a, None, None, True, 4)
+        out, state = additive_pool(x, a, None, None, options)
+    ref, ref_state = additive_pool_parallel(x, a, None, None, options)
     assert torch.equal(out, ref) and all(torch.equal(s, r) for s, r in zip(state, ref_state))
 
 

@@ -11,18 +11,20 @@ import torch
 
 import attnfree.ops.correlation.parallel as correlation_parallel_module
 from attnfree.ops.correlation import (
-    CORRELATION_IMPLS,
     CorrelationState,
+    LagSet,
     correlation_naive,
     correlation_parallel,
     correlation_recurrent,
-    correlation_step,
+    correlation_step_,
     init_correlation_state,
     make_lags,
 )
 from attnfree.testing import assert_close
 
 Op = Callable[..., tuple[torch.Tensor, CorrelationState | None]]
+IMPLS: dict[str, Op] = {"naive": correlation_naive, "parallel": correlation_parallel,
+                        "recurrent": correlation_recurrent}
 B = 3
 LAG_SETS = {
     "dense4": make_lags(4, 64),  # 0..3, 4, 8, 16, 32 (parallel: shifted products only)
@@ -58,9 +60,9 @@ def mixed_mask(T: int) -> torch.Tensor:
     return mask
 
 
-def run(op: Op, q, k, v, do, lags, segment, mask=None, state=None):
+def run(op: Op, q, k, v, do, spec: LagSet, mask=None, state=None):
     """Output, final state and the gradients of (o * do).sum() w.r.t. q, k, v."""
-    o, final = op(q, k, v, lags, segment, mask, state, output_final_state=True)
+    o, final = op(q, k, v, spec, mask, state, output_final_state=True)
     grads = torch.autograd.grad((o * do).sum(), (q, k, v))
     return o, final, grads
 
@@ -101,9 +103,9 @@ def test_forms_match_reference(
 ) -> None:
     q, k, v, do = make_inputs(T, H, D, dtype)
     lags, mask = LAG_SETS[lag_set], mixed_mask(T)
-    expected = run(correlation_naive, q, k, v, do, lags, segment, mask)
-    assert_runs_close("parallel", run(correlation_parallel, q, k, v, do, lags, segment, mask), expected)
-    assert_runs_close("recurrent", run(correlation_recurrent, q, k, v, do, lags, segment, mask), expected)
+    expected = run(correlation_naive, q, k, v, do, LagSet(lags, segment), mask)
+    assert_runs_close("parallel", run(correlation_parallel, q, k, v, do, LagSet(lags, segment), mask), expected)
+    assert_runs_close("recurrent", run(correlation_recurrent, q, k, v, do, LagSet(lags, segment), mask), expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -116,8 +118,8 @@ def test_parallel_matches_recurrent_long(masked: bool, H: int, D: int, segment: 
     T = 500
     q, k, v, do = make_inputs(T, H, D, dtype, seed=1)
     lags, mask = LAG_SETS["default"], (mixed_mask(T) if masked else None)
-    expected = run(correlation_recurrent, q, k, v, do, lags, segment, mask)
-    assert_runs_close("parallel", run(correlation_parallel, q, k, v, do, lags, segment, mask), expected)
+    expected = run(correlation_recurrent, q, k, v, do, LagSet(lags, segment), mask)
+    assert_runs_close("parallel", run(correlation_parallel, q, k, v, do, LagSet(lags, segment), mask), expected)
 
 
 @pytest.mark.parametrize("min_block", [1, 10**9], ids=["blocks", "shifted"])
@@ -127,16 +129,16 @@ def test_parallel_paths(lag_set: str, min_block: int, monkeypatch: pytest.Monkey
     monkeypatch.setattr(correlation_parallel_module, "MIN_BLOCK", min_block)
     q, k, v, do = make_inputs(37, 2, 8, torch.float64)
     lags, mask = LAG_SETS[lag_set], mixed_mask(37)
-    expected = run(correlation_naive, q, k, v, do, lags, 4, mask)
-    assert_runs_close("parallel", run(correlation_parallel, q, k, v, do, lags, 4, mask), expected)
+    expected = run(correlation_naive, q, k, v, do, LagSet(lags, 4), mask)
+    assert_runs_close("parallel", run(correlation_parallel, q, k, v, do, LagSet(lags, 4), mask), expected)
 
 
 @pytest.mark.parametrize("name", ["parallel", "recurrent"])
 def test_no_mask_equals_all_true_mask(name: str) -> None:
     q, k, v, _ = make_inputs(40, 2, 8, torch.float64)
-    lags, op = LAG_SETS["dense4"], CORRELATION_IMPLS[name]
-    expected, _ = op(q, k, v, lags, 4, torch.ones(B, 40, dtype=torch.bool))
-    assert_close(name, op(q, k, v, lags, 4)[0], expected)
+    lags, op = LAG_SETS["dense4"], IMPLS[name]
+    expected, _ = op(q, k, v, LagSet(lags, 4), torch.ones(B, 40, dtype=torch.bool))
+    assert_close(name, op(q, k, v, LagSet(lags, 4))[0], expected)
 
 
 @pytest.mark.parametrize("name", ["parallel", "recurrent"])
@@ -144,12 +146,12 @@ def test_causal(name: str) -> None:
     """Changing token j (its q, k and v) never changes the outputs before j."""
     T, j = 50, 20
     q, k, v, _ = make_inputs(T, 2, 8, torch.float64)
-    lags, op = LAG_SETS["dense4"], CORRELATION_IMPLS[name]
-    o, _ = op(q, k, v, lags, 4)
+    lags, op = LAG_SETS["dense4"], IMPLS[name]
+    o, _ = op(q, k, v, LagSet(lags, 4))
     q2, k2, v2 = (x.detach().clone() for x in (q, k, v))
     for x in (q2, k2, v2):
         x[:, j] += 10.0
-    o2, _ = op(q2, k2, v2, lags, 4)
+    o2, _ = op(q2, k2, v2, LagSet(lags, 4))
     assert torch.equal(o[:, :j], o2[:, :j])
     assert not torch.allclose(o[:, j], o2[:, j])
 
@@ -159,14 +161,14 @@ def test_no_batch_mixing(name: str) -> None:
     """Changing sample 1 (inputs and mask) never changes samples 0 and 2."""
     T = 40
     q, k, v, _ = make_inputs(T, 2, 8, torch.float64)
-    lags, op, mask = LAG_SETS["dense4"], CORRELATION_IMPLS[name], mixed_mask(T)
-    o, _ = op(q, k, v, lags, 4, mask)
+    lags, op, mask = LAG_SETS["dense4"], IMPLS[name], mixed_mask(T)
+    o, _ = op(q, k, v, LagSet(lags, 4), mask)
     q2, k2, v2 = (x.detach().clone() for x in (q, k, v))
     for x in (q2, k2, v2):
         x[1] = torch.randn_like(x[1])
     mask2 = mask.clone()
     mask2[1] = True
-    o2, _ = op(q2, k2, v2, lags, 4, mask2)
+    o2, _ = op(q2, k2, v2, LagSet(lags, 4), mask2)
     assert torch.equal(o[[0, 2]], o2[[0, 2]])
 
 
@@ -177,11 +179,11 @@ def test_left_padding_equals_unpadded(name: str, segment: int) -> None:
     T, lengths = 24, [24, 17, 5]
     q, k, v, _ = make_inputs(T, 2, 8, torch.float64, scale=3.0)
     mask = torch.arange(T)[None, :] >= torch.tensor([T - n for n in lengths])[:, None]
-    lags, op = LAG_SETS["dense4"], CORRELATION_IMPLS[name]
+    lags, op = LAG_SETS["dense4"], IMPLS[name]
     q, k, v = (torch.where(mask[..., None, None], x, torch.randn_like(x)) for x in (q, k, v))  # junk in pads
-    o, _ = op(q, k, v, lags, segment, mask)
+    o, _ = op(q, k, v, LagSet(lags, segment), mask)
     for b, n in enumerate(lengths):
-        alone, _ = op(q[b : b + 1, T - n :], k[b : b + 1, T - n :], v[b : b + 1, T - n :], lags, segment)
+        alone, _ = op(q[b : b + 1, T - n :], k[b : b + 1, T - n :], v[b : b + 1, T - n :], LagSet(lags, segment))
         assert_close(f"sample {b}", o[b : b + 1, T - n :], alone)
     assert torch.equal(o[~mask], torch.zeros_like(o[~mask]))  # nothing real before a left pad
 
@@ -193,13 +195,13 @@ def test_prefill_then_steps_equals_full(split: int, lag_set: str) -> None:
     T, H, D, segment = 60, 2, 8, 4
     q, k, v, _ = make_inputs(T, H, D, torch.float64)
     lags, mask = LAG_SETS[lag_set], mixed_mask(T)
-    expected, expected_state = correlation_parallel(q, k, v, lags, segment, mask, output_final_state=True)
-    o, state = correlation_parallel(q[:, :split], k[:, :split], v[:, :split], lags, segment, mask[:, :split],
+    expected, expected_state = correlation_parallel(q, k, v, LagSet(lags, segment), mask, output_final_state=True)
+    o, state = correlation_parallel(q[:, :split], k[:, :split], v[:, :split], LagSet(lags, segment), mask[:, :split],
                                     output_final_state=True)
     outs = [o]
     assert state is not None
     for t in range(split, T):
-        o_t, state = correlation_step(q[:, t], k[:, t], v[:, t], lags, segment, mask[:, t], state)
+        o_t, state = correlation_step_(q[:, t], k[:, t], v[:, t], LagSet(lags, segment), mask[:, t], state)
         outs.append(o_t[:, None])
     assert_close("decoded", torch.cat(outs, 1), expected)
     assert_states_close("state", state, expected_state)
@@ -211,11 +213,11 @@ def test_chunked_prefill_equals_full(name: str, split: int) -> None:
     """Two calls chained through initial_state == one call (outputs and final state)."""
     T, segment = 45, 4
     q, k, v, _ = make_inputs(T, 2, 8, torch.float64)
-    lags, mask, op = LAG_SETS["dense8"], mixed_mask(T), CORRELATION_IMPLS[name]
-    expected, expected_state = op(q, k, v, lags, segment, mask, output_final_state=True)
-    o1, state = op(q[:, :split], k[:, :split], v[:, :split], lags, segment, mask[:, :split],
+    lags, mask, op = LAG_SETS["dense8"], mixed_mask(T), IMPLS[name]
+    expected, expected_state = op(q, k, v, LagSet(lags, segment), mask, output_final_state=True)
+    o1, state = op(q[:, :split], k[:, :split], v[:, :split], LagSet(lags, segment), mask[:, :split],
                    output_final_state=True)
-    o2, state = op(q[:, split:], k[:, split:], v[:, split:], lags, segment, mask[:, split:], state,
+    o2, state = op(q[:, split:], k[:, split:], v[:, split:], LagSet(lags, segment), mask[:, split:], state,
                    output_final_state=True)
     assert_close("chunked", torch.cat([o1, o2], 1), expected)
     assert_states_close("state", state, expected_state)
@@ -224,10 +226,10 @@ def test_chunked_prefill_equals_full(name: str, split: int) -> None:
 def test_recurrent_does_not_modify_initial_state() -> None:
     q, k, v, _ = make_inputs(10, 2, 8, torch.float64)
     lags = LAG_SETS["dense4"]
-    _, state = correlation_parallel(q, k, v, lags, 4, output_final_state=True)
+    _, state = correlation_parallel(q, k, v, LagSet(lags, 4), output_final_state=True)
     assert state is not None
     before = state.clone()
-    correlation_recurrent(q, k, v, lags, 4, initial_state=state)
+    correlation_recurrent(q, k, v, LagSet(lags, 4), initial_state=state)
     assert_states_close("initial_state", state, before)
 
 
@@ -238,8 +240,8 @@ def test_extreme_inputs(name: str, dtype: torch.dtype, rtol: float | None) -> No
     T = 30
     q, k, v, do = make_inputs(T, 2, 16, dtype, scale=100.0)
     lags, mask = LAG_SETS["dense4"], mixed_mask(T)
-    actual = run(CORRELATION_IMPLS[name], q, k, v, do, lags, 4, mask)
-    expected = run(correlation_naive, q, k, v, do, lags, 4, mask)
+    actual = run(IMPLS[name], q, k, v, do, LagSet(lags, 4), mask)
+    expected = run(correlation_naive, q, k, v, do, LagSet(lags, 4), mask)
     assert_close("o", actual[0], expected[0], rtol)
     for field, ga, ge in zip("qkv", actual[2], expected[2]):
         assert torch.isfinite(ga).all(), f"d{field} not finite"
@@ -252,7 +254,7 @@ def test_fully_masked_rows_give_zero(name: str) -> None:
     q, k, v, do = make_inputs(12, 2, 8, torch.float32)
     mask = torch.ones(B, 12, dtype=torch.bool)
     mask[1] = False
-    o, _, grads = run(CORRELATION_IMPLS[name], q, k, v, do, LAG_SETS["dense4"], 4, mask)
+    o, _, grads = run(IMPLS[name], q, k, v, do, LagSet(LAG_SETS["dense4"], 4), mask)
     assert torch.equal(o[1], torch.zeros_like(o[1]))
     for g in grads:
         assert torch.equal(g[1], torch.zeros_like(g[1]))
@@ -273,14 +275,14 @@ def test_make_lags_rejects(dense: int, max_positions: int) -> None:
 
 
 def test_init_state_shapes() -> None:
-    state = init_correlation_state(2, 3, 8, LAG_SETS["dense4"], segment=4, dtype=torch.float64)
+    state = init_correlation_state(2, 3, 8, LagSet(LAG_SETS["dense4"], 4), dtype=torch.float64)
     assert state.q.shape == (2, 4, 3, 8) and state.k.shape == (2, 36, 3, 8) and state.v.shape == (2, 33, 3, 8)
     assert state.valid.shape == (2, 36) and not state.valid.any() and state.seen.tolist() == [0, 0]
     assert state.k.dtype == torch.float64
 
 
-# name -> keyword overrides of a good call (q, k, v [2, 5, 2, 4], dense4 lags, J=4)
-BAD_CALLS: dict[str, dict[str, Any]] = {
+# name -> a bad lag set or segment length: refused when the LagSet is made, before any form runs
+BAD_LAG_SETS: dict[str, dict[str, Any]] = {
     "lags-unsorted": {"lags": torch.tensor([0, 2, 1])},
     "lags-not-from-0": {"lags": torch.tensor([1, 2, 3])},
     "lags-negative": {"lags": torch.tensor([-1, 0, 1])},
@@ -288,14 +290,25 @@ BAD_CALLS: dict[str, dict[str, Any]] = {
     "lags-empty": {"lags": torch.tensor([], dtype=torch.long)},
     "lags-float": {"lags": torch.tensor([0.0, 1.0])},
     "lags-2d": {"lags": torch.tensor([[0, 1]])},
-    "segment-0": {"segment": 0},
-    "segment-negative": {"segment": -2},
+    "segment-0": {"lags": (0, 1), "segment": 0},
+    "segment-negative": {"lags": (0, 1), "segment": -2},
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_LAG_SETS))
+def test_a_bad_lag_set_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        LagSet(**BAD_LAG_SETS[bad])
+
+
+# name -> keyword overrides of a good call (q, k, v [2, 5, 2, 4], dense4 lags, J=4)
+BAD_CALLS: dict[str, dict[str, Any]] = {
     "k-shape": {"k": torch.zeros(2, 5, 2, 3)},
     "v-shape": {"v": torch.zeros(2, 6, 2, 4)},
     "q-3d": {"q": torch.zeros(2, 5, 8), "k": torch.zeros(2, 5, 8), "v": torch.zeros(2, 5, 8)},
     "mask-shape": {"mask": torch.ones(2, 4, dtype=torch.bool)},
     "mask-dtype": {"mask": torch.ones(2, 5)},
-    "state-shape": {"initial_state": init_correlation_state(2, 2, 4, torch.tensor([0, 1]), segment=4)},
+    "state-shape": {"initial_state": init_correlation_state(2, 2, 4, LagSet((0, 1), 4))},
 }
 
 
@@ -303,25 +316,28 @@ BAD_CALLS: dict[str, dict[str, Any]] = {
 @pytest.mark.parametrize("bad", list(BAD_CALLS))
 def test_rejects_bad_inputs(name: str, bad: str) -> None:
     x = torch.zeros(2, 5, 2, 4)
-    args: dict[str, Any] = {"q": x, "k": x, "v": x, "lags": LAG_SETS["dense4"], "segment": 4}
+    args: dict[str, Any] = {"q": x, "k": x, "v": x, "spec": LagSet(LAG_SETS["dense4"], 4)}
     args.update(BAD_CALLS[bad])
     with pytest.raises(ValueError):
-        CORRELATION_IMPLS[name](**args)
+        IMPLS[name](**args)
 
 
 def test_step_rejects_mismatched_state() -> None:
-    state = init_correlation_state(2, 2, 4, LAG_SETS["dense4"], segment=2)
+    state = init_correlation_state(2, 2, 4, LagSet(LAG_SETS["dense4"], 2))
     x = torch.zeros(2, 2, 4)
     with pytest.raises(ValueError):
-        correlation_step(x, x, x, LAG_SETS["dense4"], 4, None, state)
+        correlation_step_(x, x, x, LagSet(LAG_SETS["dense4"], 4), None, state)
 
 
 @pytest.mark.parametrize("form", ["naive", "parallel", "recurrent"])
 @pytest.mark.parametrize("kind", [torch.tensor, tuple, list], ids=["tensor", "tuple", "list"])
 def test_every_form_takes_every_lag_type(form: str, kind) -> None:
-    """One lag type across the forms: a tensor, a tuple or a list of ints gives the same values everywhere."""
+    """One lag type across the forms: a LagSet made of a tensor, a tuple or a list of ints holds the same ints and
+    gives the same values everywhere."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 9, 2, 3, generator=g, dtype=torch.float64) for _ in range(3))
-    expected = CORRELATION_IMPLS["naive"](q, k, v, torch.tensor([0, 1, 4]), 2)[0]
-    got = CORRELATION_IMPLS[form](q, k, v, kind([0, 1, 4]), 2)[0]
+    spec = LagSet(kind([0, 1, 4]), 2)
+    assert spec == LagSet((0, 1, 4), 2) and all(type(lag) is int for lag in spec.lags)
+    expected = IMPLS["naive"](q, k, v, LagSet(torch.tensor([0, 1, 4]), 2))[0]
+    got = IMPLS[form](q, k, v, spec)[0]
     assert_close(f"{form} with {kind.__name__} lags", got, expected)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from attnfree.ops.backend import use_kernel_backend
-from attnfree.ops.correlation import correlation, correlation_parallel, make_lags
+from attnfree.ops.correlation import LagSet, correlation, correlation_parallel, make_lags
 
 ROOT = Path(__file__).resolve().parents[2]
 CASES = Path(__file__).with_name("correlation_triton_cases.py")
@@ -48,15 +48,15 @@ def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with use_kernel_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        correlation(*inputs(), make_lags(4, 8), 2)
+        correlation(*inputs(), LagSet(make_lags(4, 8), 2))
 
 
 def test_auto_and_torch_on_cpu_give_the_parallel_form():
     lags = make_lags(4, 8)
-    expected, _ = correlation_parallel(*inputs(), lags, 2)
+    expected, _ = correlation_parallel(*inputs(), LagSet(lags, 2))
     for backend in ("auto", "torch"):
         with use_kernel_backend(backend):
-            assert torch.equal(correlation(*inputs(), lags, 2)[0], expected), backend
+            assert torch.equal(correlation(*inputs(), LagSet(lags, 2))[0], expected), backend
 
 
 def test_float64_under_forced_triton_is_an_error_naming_the_dtype(monkeypatch):
@@ -64,7 +64,7 @@ def test_float64_under_forced_triton_is_an_error_naming_the_dtype(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that the backend itself would run on CPU tensors
     with use_kernel_backend("triton"), pytest.raises(ValueError, match="float64"):
-        correlation(*inputs(torch.float64), make_lags(4, 8), 2)
+        correlation(*inputs(torch.float64), LagSet(make_lags(4, 8), 2))
 
 
 def test_block_sizes_must_be_powers_of_two():
@@ -72,7 +72,7 @@ def test_block_sizes_must_be_powers_of_two():
     from attnfree.ops.correlation.triton import correlation_triton
 
     with pytest.raises(ValueError, match="block_t must be a power of two, got 24"):
-        correlation_triton(*inputs(), make_lags(4, 8), 2, block_t=24)
+        correlation_triton(*inputs(), LagSet(make_lags(4, 8), 2), block_t=24)
 
 
 def test_imports_and_explains_without_triton():
@@ -80,12 +80,12 @@ def test_imports_and_explains_without_triton():
     script = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch, attnfree\n"
-        "from attnfree.ops.correlation import correlation, make_lags\n"
+        "from attnfree.ops.correlation import LagSet, correlation, make_lags\n"
         "from attnfree.ops.correlation.triton import correlation_triton\n"
         "x = torch.randn(1, 5, 1, 4)\n"
-        "assert correlation(x, x, x, make_lags(2, 4))[0].shape == x.shape\n"
+        "assert correlation(x, x, x, LagSet(make_lags(2, 4)))[0].shape == x.shape\n"
         "try:\n"
-        "    correlation_triton(x, x, x, make_lags(2, 4))\n"
+        "    correlation_triton(x, x, x, LagSet(make_lags(2, 4)))\n"
         "except RuntimeError as e:\n"
         "    print(e)\n"
     )

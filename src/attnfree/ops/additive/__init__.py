@@ -18,49 +18,35 @@ exponent is ever positive and no score magnitude can overflow.
 from torch import Tensor
 
 from attnfree.ops.additive.naive import additive_pool_naive
-from attnfree.ops.additive.parallel import DEFAULT_CHUNK_SIZE, additive_pool_parallel
+from attnfree.ops.additive.parallel import additive_pool_parallel
 from attnfree.ops.additive.recurrent import additive_pool_recurrent, additive_pool_step, additive_pool_step_
-from attnfree.ops.additive.state import AdditiveState, init_additive_state
+from attnfree.ops.additive.state import NO_OPTIONS, AdditiveState, PoolOptions, init_additive_state
 from attnfree.ops.backend import get_kernel_backend, use_triton
 
-ADDITIVE_POOL_IMPLS = {
-    "naive": additive_pool_naive,
-    "parallel": additive_pool_parallel,
-    "recurrent": additive_pool_recurrent,
-}
 
-
-
-def additive_pool(
-    x: Tensor,
-    scores: Tensor,
-    mask: Tensor | None = None,
-    initial_state: AdditiveState | None = None,
-    output_final_state: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    bonus: Tensor | None = None,
-) -> tuple[Tensor, AdditiveState | None]:
+def additive_pool(x: Tensor, scores: Tensor, mask: Tensor | None = None, initial_state: AdditiveState | None = None,
+                  options: PoolOptions = NO_OPTIONS) -> tuple[Tensor, AdditiveState | None]:
     """``additive_pool_parallel``'s contract, run by the Triton kernels when ``use_triton(x, scores)`` says so.
 
     With backend 'auto' the kernels take CUDA tensors of float32/bfloat16/float16 with T >= 1 (float64 and
     empty sequences stay on PyTorch); with 'triton' forced, an unsupported input raises instead. A current-token
     bonus runs on PyTorch (the kernels do not take one).
     """
-    if bonus is not None:
+    if options.bonus is not None:
         if get_kernel_backend() == "triton":
             raise ValueError("kernel backend 'triton' was forced but the kernels take no current-token bonus")
-        return additive_pool_parallel(x, scores, mask, initial_state, output_final_state, chunk_size, bonus)
+        return additive_pool_parallel(x, scores, mask, initial_state, options)
     if use_triton(x, scores):
         from attnfree.ops.additive.triton import TRITON_DTYPES, additive_pool_triton  # imports triton
 
         if get_kernel_backend() == "triton" or (x.dtype in TRITON_DTYPES and x.shape[1] > 0):
-            return additive_pool_triton(x, scores, mask, initial_state, output_final_state, chunk_size)
-    return additive_pool_parallel(x, scores, mask, initial_state, output_final_state, chunk_size)
+            return additive_pool_triton(x, scores, mask, initial_state, options)
+    return additive_pool_parallel(x, scores, mask, initial_state, options)
 
 
 __all__ = [
-    "ADDITIVE_POOL_IMPLS",
     "AdditiveState",
+    "PoolOptions",
     "additive_pool",
     "additive_pool_naive",
     "additive_pool_parallel",

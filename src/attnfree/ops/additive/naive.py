@@ -5,27 +5,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnfree.ops.additive.state import AdditiveState, check_inputs
+from attnfree.ops.additive.state import NO_OPTIONS, AdditiveState, PoolOptions, check_inputs
 
 
-def additive_pool_naive(
-    x: Tensor,
-    scores: Tensor,
-    mask: Tensor | None = None,
-    initial_state: AdditiveState | None = None,
-    output_final_state: bool = False,
-    bonus: Tensor | None = None,
-) -> tuple[Tensor, AdditiveState | None]:
+def additive_pool_naive(x: Tensor, scores: Tensor, mask: Tensor | None = None,
+                        initial_state: AdditiveState | None = None, options: PoolOptions = NO_OPTIONS
+                        ) -> tuple[Tensor, AdditiveState | None]:
     """g_i = softmax_{j<=i}(a_j) . x_j per head, valid positions only (Fastformer eq. 3-4, causal).
 
-    With ``bonus`` u [H] (RWKV's current-token bonus), the current token enters g_i's softmax with a_i + u_h
-    (and every later one with a_i: the state never holds the bonus).
+    With ``options.bonus`` u [H] (RWKV's current-token bonus), the current token enters g_i's softmax with a_i + u_h
+    (and every later one with a_i: the state never holds the bonus). ``options.chunk_size`` is not used here.
 
     x: [B, T, H, D], scores: [B, T, H], mask: [B, T] bool (True = real token).
     A previous state (s, z, m) enters as one extra pooled item with score m + log z and value s / z.
     Returns g: [B, T, H, D] in x's dtype (0 where nothing valid was seen yet) and the final state.
     """
     check_inputs(x, scores, mask, initial_state)
+    bonus = options.bonus
     B, T, H, D = x.shape
     xd, ad = x.double(), scores.double()
     valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask.bool()
@@ -61,7 +57,7 @@ def additive_pool_naive(
                 m[b, h] = top
                 w = torch.exp(a_vec - top)
                 s[b, h], z[b, h] = w @ x_mat, w.sum()
-    final = AdditiveState(s, z, m) if output_final_state else None
+    final = AdditiveState(s, z, m) if options.output_final_state else None
     if final is not None and x.dtype != torch.float64:
         final = AdditiveState(*(t.float() for t in final))
     return out.to(x.dtype), final

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnfree.ops.additive.state import (
+    NO_OPTIONS,
     AdditiveState,
+    PoolOptions,
     check_inputs,
     finite_or_zero,
     init_additive_state,
@@ -32,8 +34,6 @@ from attnfree.ops.additive.state import (
     safe_divide,
     state_dtype,
 )
-
-DEFAULT_CHUNK_SIZE = 32
 
 
 def _exp_lower(diff: Tensor) -> Tensor:
@@ -90,30 +90,24 @@ def _merge_state(s: Tensor, z: Tensor, m: Tensor, state: AdditiveState) -> tuple
     return s, e * z + e0 * state.z.to(z.dtype).unsqueeze(-1), m_new
 
 
-def additive_pool_parallel(
-    x: Tensor,
-    scores: Tensor,
-    mask: Tensor | None = None,
-    initial_state: AdditiveState | None = None,
-    output_final_state: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    bonus: Tensor | None = None,
-) -> tuple[Tensor, AdditiveState | None]:
+def additive_pool_parallel(x: Tensor, scores: Tensor, mask: Tensor | None = None,
+                           initial_state: AdditiveState | None = None, options: PoolOptions = NO_OPTIONS
+                           ) -> tuple[Tensor, AdditiveState | None]:
     """g_i = sum_{j<=i} exp(a_j) x_j / sum_{j<=i} exp(a_j) per head, stable for any score magnitude.
 
     x: [B, T, H, D], scores: [B, T, H], mask: [B, T] bool (True = real token; padding contributes
-    nothing, anywhere in the sequence), bonus: [H] or None (RWKV's u: the current token's weight times e^bonus in
-    the output, not in the state; ``state.read_out``). Returns g: [B, T, H, D] in x's dtype and, if asked, the state
+    nothing, anywhere in the sequence); ``options`` (``PoolOptions``): the final state, the current-token bonus
+    (``state.read_out_bonus``), the chunk length. Returns g: [B, T, H, D] in x's dtype and, if asked, the state
     after the last position (accumulated in float32, or float64 for float64 inputs).
     """
     check_inputs(x, scores, mask, initial_state)
-    acc = state_dtype(x.dtype)
+    bonus, acc = options.bonus, state_dtype(x.dtype)
     a = scores.to(acc)
     if mask is not None:
         a = a.masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
     # 1. heads first: S = x [B, H, T, D], Z = 1, r = a [B, H, T]
     S, r = x.to(acc).transpose(1, 2), a.transpose(1, 2)
-    s, z, m = _scan(S, torch.ones_like(r), r, max(2, chunk_size))  # a chunk of 1 would never shrink T
+    s, z, m = _scan(S, torch.ones_like(r), r, max(2, options.chunk_size))  # a chunk of 1 would never shrink T
     # 2. a previous state (prefill continuing, chunked prefill) enters every position
     if initial_state is not None:
         s, z, m = _merge_state(s, z, m, initial_state)
@@ -130,5 +124,6 @@ def additive_pool_parallel(
         g = read_out_bonus(s_prev, z_prev, m_prev, S, r, bonus.to(acc).unsqueeze(-1))  # bonus [H, 1]: heads first
     g = g.transpose(1, 2).to(x.dtype)
     # (cloned: a view would keep the whole [B, H, T, D] prefill alive in the decoding cache)
-    final = AdditiveState(s[:, :, -1].clone(), z[:, :, -1].clone(), m[:, :, -1].clone()) if output_final_state else None
-    return g, final
+    if not options.output_final_state:
+        return g, None
+    return g, AdditiveState(s[:, :, -1].clone(), z[:, :, -1].clone(), m[:, :, -1].clone())

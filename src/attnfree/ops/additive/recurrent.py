@@ -6,7 +6,9 @@ import torch
 from torch import Tensor
 
 from attnfree.ops.additive.state import (
+    NO_OPTIONS,
     AdditiveState,
+    PoolOptions,
     check_inputs,
     finite_or_zero,
     init_additive_state,
@@ -53,21 +55,16 @@ def additive_pool_step_(x_t: Tensor, a_t: Tensor, state: AdditiveState, bonus: T
     return (safe_divide(s, z) if g is None else g).to(x_t.dtype)
 
 
-def additive_pool_recurrent(
-    x: Tensor,
-    scores: Tensor,
-    mask: Tensor | None = None,
-    initial_state: AdditiveState | None = None,
-    output_final_state: bool = False,
-    bonus: Tensor | None = None,
-) -> tuple[Tensor, AdditiveState | None]:
+def additive_pool_recurrent(x: Tensor, scores: Tensor, mask: Tensor | None = None,
+                            initial_state: AdditiveState | None = None, options: PoolOptions = NO_OPTIONS
+                            ) -> tuple[Tensor, AdditiveState | None]:
     """Same contract as ``additive_pool_parallel``, computed by looping ``additive_pool_step`` over T."""
     check_inputs(x, scores, mask, initial_state)
     B, T, H, D = x.shape
     state = initial_state if initial_state is not None else init_additive_state(B, H, D, x.dtype, x.device)
     outs = []
     for t in range(T):
-        g, state = additive_pool_step(x[:, t], scores[:, t], None if mask is None else mask[:, t], state, bonus)
+        g, state = additive_pool_step(x[:, t], scores[:, t], None if mask is None else mask[:, t], state, options.bonus)
         outs.append(g)
     out = torch.stack(outs, dim=1) if outs else x.new_zeros(B, 0, H, D)
-    return out, (state if output_final_state else None)
+    return out, (state if options.output_final_state else None)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+DEFAULT_CHUNK_SIZE = 32
 
 
 class AdditiveState(NamedTuple):
@@ -21,6 +24,24 @@ class AdditiveState(NamedTuple):
     s: Tensor
     z: Tensor
     m: Tensor
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """What every form of the additive pooling takes besides the tensors (one object, one signature).
+
+    output_final_state: return the state after the last position (for caching).
+    bonus: [H] or None: RWKV's current-token bonus u, the current token's weight times e^u in the read-out only
+        (``read_out_bonus``); the state never holds it.
+    chunk_size: chunk length of the chunked forms (parallel, Triton): speed and memory only, not values.
+    """
+
+    output_final_state: bool = False
+    bonus: Tensor | None = None
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+
+NO_OPTIONS = PoolOptions()
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

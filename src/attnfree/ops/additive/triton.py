@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnfree.ops.additive.state import AdditiveState, check_inputs
+from attnfree.ops.additive.state import NO_OPTIONS, AdditiveState, PoolOptions, check_inputs
 
 try:
     import triton
@@ -50,7 +50,6 @@ try:
 except ImportError:  # the PyTorch forms run everywhere; the kernels only where triton is installed
     HAS_TRITON = False
 
-DEFAULT_CHUNK_SIZE = 64
 MAX_BLOCK_D = 64  # D is split into blocks of at most this many columns (one program each)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -261,24 +260,21 @@ class _AdditivePoolTriton(torch.autograd.Function):
         return dx, da_total, *state_grads, None, None, None
 
 
-def additive_pool_triton(
-    x: Tensor,
-    scores: Tensor,
-    mask: Tensor | None = None,
-    initial_state: AdditiveState | None = None,
-    output_final_state: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    block_d: int | None = None,
-) -> tuple[Tensor, AdditiveState | None]:
+def additive_pool_triton(x: Tensor, scores: Tensor, mask: Tensor | None = None,
+                         initial_state: AdditiveState | None = None, options: PoolOptions = NO_OPTIONS,
+                         block_d: int | None = None) -> tuple[Tensor, AdditiveState | None]:
     """Same contract as ``additive_pool_parallel`` (g [B, T, H, D], final state), computed by Triton kernels.
 
     x: [B, T, H, D] float32/bfloat16/float16 on CUDA (or CPU under ``TRITON_INTERPRET=1``), scores: [B, T, H],
-    mask: [B, T] bool. chunk_size is rounded to a power of two in [16, 128]; block_d (default
+    mask: [B, T] bool. No current-token bonus (``options.bonus`` must be None). options.chunk_size is rounded to a
+    power of two in [16, 128]; block_d (default
     min(64, next_pow2(D))) splits D across programs. Gradients reach x, scores and the initial state's s and z.
     """
     if not HAS_TRITON:
         raise RuntimeError("additive_pool_triton needs the triton package (pip install 'attnfree[triton]')")
     check_inputs(x, scores, mask, initial_state)
+    if options.bonus is not None:
+        raise ValueError("additive_pool_triton takes no current-token bonus (options.bonus must be None)")
     if x.dtype not in TRITON_DTYPES:
         raise ValueError(f"additive_pool_triton supports x dtypes {TRITON_DTYPES}, got {x.dtype}")
     if x.shape[1] == 0:
@@ -287,10 +283,10 @@ def additive_pool_triton(
     a = scores.to(torch.float32)
     if mask is not None:
         a = a.masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
-    chunk, bd = _launch_config(x.shape[-1], chunk_size, block_d)
+    chunk, bd = _launch_config(x.shape[-1], options.chunk_size, block_d)
     # 2. the kernels, with the initial state (float32, contiguous) if there is one
     state: tuple[Tensor | None, ...] = (None, None, None)
     if initial_state is not None:
         state = tuple(t.to(torch.float32).contiguous() for t in initial_state)
     g, sT, zT, mT = _AdditivePoolTriton.apply(x, a, *state, chunk, bd)
-    return g, (AdditiveState(sT, zT, mT) if output_final_state else None)
+    return g, (AdditiveState(sT, zT, mT) if options.output_final_state else None)

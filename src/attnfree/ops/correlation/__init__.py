@@ -11,7 +11,7 @@ positions, the outputs of the same sequence alone. Cost O(T L J D), never O(T^2)
 
 - ``correlation_naive``: float64 loop over t and lags, the equations as written (reference).
 - ``correlation_parallel``: banded block matmuls and a box filter, for training and prefill.
-- ``correlation_recurrent``: one token at a time through ``correlation_step`` (decoding).
+- ``correlation_recurrent``: one token at a time through ``correlation_step_`` (decoding, in place).
 - ``correlation_triton`` (in ``.triton``, imported only when used): Triton kernels, forward and backward.
 - ``correlation``: the dispatcher the layers call: the Triton kernels when ``attnfree.ops.backend.use_triton``
   says so (CUDA tensors with triton installed, or the backend forced to 'triton'), else the parallel form.
@@ -21,31 +21,22 @@ positions, the outputs of the same sequence alone. Cost O(T L J D), never O(T^2)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from attnfree.ops.backend import get_kernel_backend, use_triton
 from attnfree.ops.correlation.naive import correlation_naive
 from attnfree.ops.correlation.parallel import correlation_parallel
-from attnfree.ops.correlation.recurrent import correlation_recurrent, correlation_step
-from attnfree.ops.correlation.state import CorrelationState, init_correlation_state, make_lags
+from attnfree.ops.correlation.recurrent import correlation_recurrent, correlation_step_
+from attnfree.ops.correlation.state import CorrelationState, LagSet, init_correlation_state, make_lags
 
 
-def correlation(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lags: Tensor | Sequence[int],
-    segment: int = 4,
-    mask: Tensor | None = None,
-    initial_state: CorrelationState | None = None,
-    output_final_state: bool = False,
-) -> tuple[Tensor, CorrelationState | None]:
+def correlation(q: Tensor, k: Tensor, v: Tensor, spec: LagSet, mask: Tensor | None = None,
+                initial_state: CorrelationState | None = None, output_final_state: bool = False
+                ) -> tuple[Tensor, CorrelationState | None]:
     """Causal cross-correlation for training and prefill on the chosen kernel backend (same signature and
     values as ``correlation_parallel``): Triton kernels where ``use_triton`` says so, PyTorch otherwise."""
-    args = (q, k, v, lags, segment, mask, initial_state, output_final_state)
+    args = (q, k, v, spec, mask, initial_state, output_final_state)
     if use_triton(q, k, v):
         if q.dtype != torch.float64:
             from attnfree.ops.correlation.triton import correlation_triton  # imports triton: only when used
@@ -57,20 +48,14 @@ def correlation(
     return correlation_parallel(*args)
 
 
-CORRELATION_IMPLS = {
-    "naive": correlation_naive,
-    "parallel": correlation_parallel,
-    "recurrent": correlation_recurrent,
-}
-
 __all__ = [
-    "CORRELATION_IMPLS",
     "CorrelationState",
+    "LagSet",
     "correlation",
     "correlation_naive",
     "correlation_parallel",
     "correlation_recurrent",
-    "correlation_step",
+    "correlation_step_",
     "init_correlation_state",
     "make_lags",
 ]

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from attnfree.ops.correlation.state import (
     CorrelationState,
+    LagSet,
     check_inputs,
     prepend_history,
     seen_after,
@@ -56,21 +57,15 @@ def _output_at(qs: Seq, ks: Seq, vs: Seq, valid: Seq, t: int, lags: list[int], s
     return torch.einsum("bhl,blhd->bhd", a, torch.stack(values, 1))
 
 
-def correlation_naive(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lags: Tensor | Sequence[int],
-    segment: int = 4,
-    mask: Tensor | None = None,
-    initial_state: CorrelationState | None = None,
-    output_final_state: bool = False,
-) -> tuple[Tensor, CorrelationState | None]:
+def correlation_naive(q: Tensor, k: Tensor, v: Tensor, spec: LagSet, mask: Tensor | None = None,
+                      initial_state: CorrelationState | None = None, output_final_state: bool = False
+                      ) -> tuple[Tensor, CorrelationState | None]:
     """Reference causal cross-correlation: q, k, v [B, T, H, D], mask [B, T] bool -> o [B, T, H, D].
 
-    lags: [L] long, sorted, lags[0] = 0.  segment: J >= 1.  Computes in float64, returns the input dtype.
+    spec: the lags and segment length J (``LagSet``). Computes in float64, returns the input dtype.
     """
-    lag_list = check_inputs(q, k, v, lags, segment, mask, initial_state)
+    lag_list = check_inputs(q, k, v, spec, mask, initial_state)
+    segment = spec.segment
     T = q.shape[1]
     # 1. the sequence to run on: the state's history (if any) followed by the new tokens
     qa, ka, va, valid, start = prepend_history(q, k, v, mask, initial_state)

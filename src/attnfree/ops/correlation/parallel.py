@@ -20,7 +20,6 @@ give the same values and are tested separately.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from attnfree.ops.correlation.state import (
     CorrelationState,
+    LagSet,
     check_inputs,
     prepend_history,
     seen_after,
@@ -77,25 +77,35 @@ def _dense_mix(a: Tensor, vh: Tensor, n: int) -> Tensor:
     return o.reshape(B, H, -1, D)[:, :, :T]
 
 
-def _delayed(x: Tensor, tau: int) -> Tensor:
-    """x [B, H, T, D] -> x delayed by tau steps along T (zeros before the start).
+def _delay(x: Tensor, tau: int, T: int) -> Tensor:
+    """x [B, H, T - s, ...] (the terms of positions s..T-1, s = min(tau, T)) -> [B, H, T, ...], zeros in front.
 
     The pad width is the lag itself, a constant of the model, so an exported graph pads by a constant (a pad width
-    computed from T tripped onnxruntime's Pad before 1.29 on short prompts).
+    computed from T tripped onnxruntime's Pad before 1.29 on short prompts); the slice drops what a lag longer than
+    the sequence pads too much.
     """
-    return F.pad(x, (0, 0, tau, 0))[:, :, : x.shape[2]]
+    widths = (0, 0) * (x.dim() - 3) + (tau, 0)
+    return F.pad(x, widths)[:, :, :T]
 
 
 def _sparse_scores(qh: Tensor, kh: Tensor, lags: list[int]) -> Tensor:
-    """qh, kh [B, H, T, D] -> [B, H, T, S] with [..., t, i] = <q_t, k_{t - lags[i]}> (0 before the start)."""
-    cols = [(qh * _delayed(kh, tau)).sum(-1) for tau in lags]
+    """qh, kh [B, H, T, D] -> [B, H, T, S] with [..., t, i] = <q_t, k_{t - lags[i]}> (0 before the start).
+
+    Each product runs over the T - tau positions that have a partner and is reduced over D before it is padded
+    (padding the [B, H, T, D] inputs instead copies D times more: measured in docs/performance.md)."""
+    T = qh.shape[2]
+    cols = [_delay((qh[:, :, s:] * kh[:, :, : T - s]).sum(-1), tau, T) for tau, s in ((t, min(t, T)) for t in lags)]
     return torch.stack(cols, dim=-1)
 
 
 def _sparse_mix(a: Tensor, vh: Tensor, lags: list[int]) -> Tensor:
-    """a [B, H, T, S], vh [B, H, T, D] -> sum_i a[t, i] v_{t - lags[i]}: [B, H, T, D]."""
-    terms = [a[:, :, :, i, None] * _delayed(vh, tau) for i, tau in enumerate(lags)]
-    return torch.stack(terms).sum(0)
+    """a [B, H, T, S], vh [B, H, T, D] -> sum_i a[t, i] v_{t - lags[i]}: [B, H, T, D] (summed term by term: no
+    [S, B, H, T, D] stack)."""
+    T = vh.shape[2]
+    out = torch.zeros_like(vh)
+    for i, (tau, s) in enumerate((t, min(t, T)) for t in lags):
+        out = out + _delay(a[:, :, s:, i, None] * vh[:, :, : T - s], tau, T)
+    return out
 
 
 def _split_lags(lags: list[int]) -> tuple[int, list[int]]:
@@ -163,22 +173,16 @@ def _correlate(
     return _mix(a, vh, n, sparse).transpose(1, 2)
 
 
-def correlation_parallel(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lags: Tensor | Sequence[int],
-    segment: int = 4,
-    mask: Tensor | None = None,
-    initial_state: CorrelationState | None = None,
-    output_final_state: bool = False,
-) -> tuple[Tensor, CorrelationState | None]:
+def correlation_parallel(q: Tensor, k: Tensor, v: Tensor, spec: LagSet, mask: Tensor | None = None,
+                         initial_state: CorrelationState | None = None, output_final_state: bool = False
+                         ) -> tuple[Tensor, CorrelationState | None]:
     """Causal cross-correlation for training and prefill: q, k, v [B, T, H, D] -> o [B, T, H, D].
 
-    lags: [L] long (or a tuple of ints), sorted, lags[0] = 0.  segment: J >= 1.  mask: [B, T] bool (True = real token).
+    spec: the lags and segment length J (``LagSet``).  mask: [B, T] bool (True = real token).
     initial_state continues a sequence (its max(L)+J positions of history are prepended).
     """
-    lag_list = check_inputs(q, k, v, lags, segment, mask, initial_state)
+    lag_list = check_inputs(q, k, v, spec, mask, initial_state)
+    segment = spec.segment
     T = q.shape[1]
     # 1. the sequence to run on: the state's history (if any) followed by the new tokens
     qa, ka, va, valid, start = prepend_history(q, k, v, mask, initial_state)

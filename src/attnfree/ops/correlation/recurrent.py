@@ -1,6 +1,6 @@
 """Causal multi-headed cross-correlation, one token at a time (decoding).
 
-``correlation_step`` writes the new token into the ring buffers of a ``CorrelationState`` (in place)
+``correlation_step_`` writes the new token into the ring buffers of a ``CorrelationState`` (in place)
 and reads back the J queries, the J x L keys and the L values that position t needs:
 
     R_t(tau) = sum_{j<J} <q_{t-j}, k_{t-tau-j}> / sqrt(J D)
@@ -12,16 +12,14 @@ Cost per token: O(L J D), independent of t.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from attnfree.ops.correlation.state import (
     CorrelationState,
+    LagSet,
     check_inputs,
-    check_lags,
-    check_segment,
     check_state,
     init_correlation_state,
     read_slots,
@@ -41,23 +39,15 @@ def _write(state: CorrelationState, q_t: Tensor, k_t: Tensor, v_t: Tensor, mask_
     write_slot_(state.valid, t % state.valid.shape[1], real)
 
 
-def correlation_step(
-    q_t: Tensor,
-    k_t: Tensor,
-    v_t: Tensor,
-    lags: Tensor | Sequence[int],
-    segment: int,
-    mask_t: Tensor | None,
-    state: CorrelationState,
-) -> tuple[Tensor, CorrelationState]:
+def correlation_step_(q_t: Tensor, k_t: Tensor, v_t: Tensor, spec: LagSet, mask_t: Tensor | None,
+                      state: CorrelationState) -> tuple[Tensor, CorrelationState]:
     """One position: q_t, k_t, v_t [B, H, D], mask_t [B] bool or None -> (o_t [B, H, D], state).
 
     The state is updated in place (and returned): its buffers take the new token, seen grows by one in every row.
     Every read is a gather at slots computed from ``seen``, so the step also traces into an exported graph.
     """
-    lag_list = check_lags(lags)
-    check_segment(segment)
-    check_state(state, q_t.shape[0], q_t.shape[1], q_t.shape[2], lag_list[-1], segment)
+    lag_list, segment = list(spec.lags), spec.segment
+    check_state(state, q_t.shape[0], q_t.shape[1], q_t.shape[2], spec.max_lag, segment)
     _write(state, q_t, k_t, v_t, mask_t)
     # 2. positions relative to t of the terms: queries t-j, keys t-tau-j, values t-tau
     B, L, dev = q_t.shape[0], len(lag_list), q_t.device
@@ -83,29 +73,22 @@ def correlation_step(
     return o_t, state
 
 
-def correlation_recurrent(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lags: Tensor | Sequence[int],
-    segment: int = 4,
-    mask: Tensor | None = None,
-    initial_state: CorrelationState | None = None,
-    output_final_state: bool = False,
-) -> tuple[Tensor, CorrelationState | None]:
-    """Causal cross-correlation by ``correlation_step`` over time: q, k, v [B, T, H, D] -> o [B, T, H, D].
+def correlation_recurrent(q: Tensor, k: Tensor, v: Tensor, spec: LagSet, mask: Tensor | None = None,
+                          initial_state: CorrelationState | None = None, output_final_state: bool = False
+                          ) -> tuple[Tensor, CorrelationState | None]:
+    """Causal cross-correlation by ``correlation_step_`` over time: q, k, v [B, T, H, D] -> o [B, T, H, D].
 
     mask: [B, T] bool (True = real token).  initial_state is not modified (the loop works on a copy).
     """
-    check_inputs(q, k, v, lags, segment, mask, initial_state)
+    check_inputs(q, k, v, spec, mask, initial_state)
     B, T, H, D = q.shape
     if initial_state is None:
-        state = init_correlation_state(B, H, D, lags, segment, q.dtype, q.device)
+        state = init_correlation_state(B, H, D, spec, q.dtype, q.device)
     else:
         state = initial_state.clone()
     outs = []
     for t in range(T):
         mask_t = None if mask is None else mask[:, t]
-        o_t, state = correlation_step(q[:, t], k[:, t], v[:, t], lags, segment, mask_t, state)
+        o_t, state = correlation_step_(q[:, t], k[:, t], v[:, t], spec, mask_t, state)
         outs.append(o_t)
     return torch.stack(outs, 1), (state if output_final_state else None)

@@ -18,6 +18,27 @@ import torch
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class LagSet:
+    """What every form of the correlation takes besides the tensors: the lags and the segment length J.
+
+    lags: L lags, sorted, distinct, starting at 0 (``make_lags``); a 1-D integer tensor is accepted and kept as a
+    tuple of ints (plain ints: torch.compile reads them without a graph break, and they hold values on the meta
+    device). segment: J >= 1, consecutive query/key positions summed into one score. Checked at construction.
+    """
+
+    lags: tuple[int, ...]
+    segment: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lags", tuple(check_lags(self.lags)))
+        check_segment(self.segment)
+
+    @property
+    def max_lag(self) -> int:
+        return self.lags[-1]
+
+
 @dataclass
 class CorrelationState:
     """Ring buffers of the past that future steps still need; slot of position p is p % capacity.
@@ -106,18 +127,10 @@ def capacities(max_lag: int, segment: int) -> tuple[int, int, int]:
     return segment, max_lag + segment, max_lag + 1
 
 
-def init_correlation_state(
-    batch: int,
-    heads: int,
-    head_dim: int,
-    lags: Tensor | Sequence[int],
-    segment: int = 4,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> CorrelationState:
+def init_correlation_state(batch: int, heads: int, head_dim: int, spec: LagSet, dtype: torch.dtype = torch.float32,
+                           device: torch.device | str | None = None) -> CorrelationState:
     """An empty state (nothing seen yet): zero buffers, every position invalid, seen = 0 in every row."""
-    check_segment(segment)
-    cq, ck, cv = capacities(check_lags(lags)[-1], segment)
+    cq, ck, cv = capacities(spec.max_lag, spec.segment)
     return CorrelationState(
         q=torch.zeros(batch, cq, heads, head_dim, dtype=dtype, device=device),
         k=torch.zeros(batch, ck, heads, head_dim, dtype=dtype, device=device),
@@ -145,15 +158,8 @@ def check_state(
             raise ValueError(f"state.{name} must be {shape} for these inputs, lags and segment, got {got}")
 
 
-def check_inputs(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lags: Tensor | Sequence[int],
-    segment: int,
-    mask: Tensor | None,
-    state: CorrelationState | None,
-) -> list[int]:
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, spec: LagSet, mask: Tensor | None, state: CorrelationState | None
+                 ) -> list[int]:
     """Shapes: q, k, v [B, T, H, D], mask [B, T] bool, state matching; returns the lags as a list."""
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, H, D], got shape {tuple(q.shape)}")
@@ -163,11 +169,11 @@ def check_inputs(
     if mask is not None and (mask.shape != q.shape[:2] or mask.dtype != torch.bool):
         expected = tuple(q.shape[:2])
         raise ValueError(f"mask must be bool [B, T] = {expected}, got {mask.dtype} {tuple(mask.shape)}")
-    lag_list = check_lags(lags)
-    check_segment(segment)
+    if not isinstance(spec, LagSet):
+        raise TypeError(f"spec must be a LagSet (lags and segment), got {type(spec).__name__}")
     if state is not None:
-        check_state(state, q.shape[0], q.shape[2], q.shape[3], lag_list[-1], segment)
-    return lag_list
+        check_state(state, q.shape[0], q.shape[2], q.shape[3], spec.max_lag, spec.segment)
+    return list(spec.lags)
 
 
 def slots(seen: Tensor, offsets: Tensor, capacity: int) -> Tensor:

@@ -34,7 +34,6 @@ through Triton's interpreter (slowly): that is how the tests check them on machi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,6 +42,7 @@ from torch import Tensor
 
 from attnfree.ops.correlation.state import (
     CorrelationState,
+    LagSet,
     check_inputs,
     prepend_history,
     seen_after,
@@ -222,19 +222,10 @@ def _correlate(
     return o
 
 
-def correlation_triton(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lags: Tensor | Sequence[int],
-    segment: int = 4,
-    mask: Tensor | None = None,
-    initial_state: CorrelationState | None = None,
-    output_final_state: bool = False,
-    *,
-    block_t: int | None = None,
-    block_d: int | None = None,
-) -> tuple[Tensor, CorrelationState | None]:
+def correlation_triton(q: Tensor, k: Tensor, v: Tensor, spec: LagSet, mask: Tensor | None = None,
+                       initial_state: CorrelationState | None = None, output_final_state: bool = False,
+                       *, block_t: int | None = None, block_d: int | None = None
+                       ) -> tuple[Tensor, CorrelationState | None]:
     """Causal cross-correlation through the Triton kernels: q, k, v [B, T, H, D] -> o [B, T, H, D].
 
     Arguments as ``correlation_parallel``; ``block_t`` / ``block_d`` override the tile sizes (powers of two).
@@ -242,7 +233,8 @@ def correlation_triton(
     """
     if triton is None:
         raise RuntimeError("correlation_triton needs the triton package, which is not installed")
-    lag_list = check_inputs(q, k, v, lags, segment, mask, initial_state)
+    lag_list = check_inputs(q, k, v, spec, mask, initial_state)
+    segment = spec.segment
     T = q.shape[1]
     # 1. the sequence to run on: the state's history (if any) followed by the new tokens
     qa, ka, va, valid, start = prepend_history(q, k, v, mask, initial_state)
