@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attnfree.layers.moe import SparseMoE
+from attnfree.layers.sublayer import BlockContext, use_path
 from attnfree.testing import assert_close
 
 C, E = 12, 4
@@ -45,7 +46,7 @@ def fixed_router(layer: SparseMoE, logits: list[float]) -> None:
 def test_eval_output_matches_per_token_reference(top_k):
     layer = moe(top_k)
     x = inputs()
-    y, stats = layer(x)
+    y, stats = layer.route(x)
     assert_close("moe", y, reference(layer, x))
     assert int(stats.dropped) == 0 and int(stats.tokens_per_expert.sum()) == x.shape[0] * x.shape[1] * top_k
 
@@ -54,7 +55,7 @@ def test_capacity_keeps_the_earliest_time_steps_and_counts_the_rest():
     layer = moe(top_k=1, capacity_factor=0.6).train()
     fixed_router(layer, [5.0, 0.0, 0.0, 0.0])  # everyone wants expert 0
     x = inputs(B=2, T=5)
-    y, stats = layer(x)
+    y, stats = layer.route(x)
     capacity = math.ceil(0.6 * 10 * 1 / E)  # 2
     assert layer.capacity(10) == capacity
     assert stats.tokens_per_expert.tolist() == [capacity, 0, 0, 0] and int(stats.dropped) == 10 - capacity
@@ -63,7 +64,7 @@ def test_capacity_keeps_the_earliest_time_steps_and_counts_the_rest():
     expected[0, 0] = expected[1, 0] = True  # time-major queue: (t=0, b=0), (t=0, b=1)
     assert torch.equal(served, expected)
     layer.eval()  # no capacity limit at evaluation
-    assert int(layer(x)[1].dropped) == 0
+    assert int(layer.route(x)[1].dropped) == 0
 
 
 def test_padding_is_not_routed():
@@ -71,16 +72,16 @@ def test_padding_is_not_routed():
     x = inputs()
     mask = torch.ones(3, 7, dtype=torch.bool)
     mask[1, :3] = False
-    y, stats = layer(x, mask)
+    y, stats = layer.route(x, mask)
     assert torch.equal(y[1, :3], torch.zeros(3, C, dtype=torch.float64))
     assert int(stats.tokens_per_expert.sum()) == int(mask.sum()) * 2
-    assert_close("real tokens", y[mask], layer(x)[0][mask])  # padding does not change the real tokens
+    assert_close("real tokens", y[mask], layer.route(x)[0][mask])  # padding does not change the real tokens
 
 
 def test_balancing_loss_is_one_when_uniform_and_reaches_the_gate():
     layer = moe(noise=0.0, capacity_factor=float(E)).train()  # capacity = every assignment: nothing dropped
     x = inputs()
-    _, stats = layer(x)
+    _, stats = layer.route(x)
     probs = torch.softmax(layer.router.gate(layer.norm(x)).reshape(-1, E), -1)
     f = stats.tokens_per_expert.double() / stats.tokens_per_expert.sum()
     assert int(stats.dropped) == 0
@@ -89,26 +90,26 @@ def test_balancing_loss_is_one_when_uniform_and_reaches_the_gate():
     assert layer.router.gate.weight.grad is not None and layer.router.gate.weight.grad.abs().sum() > 0
     uniform = moe(noise=0.0)
     fixed_router(uniform, [0.0] * E)
-    assert_close("uniform aux", uniform(x)[1].aux_loss, torch.tensor(1.0, dtype=torch.float64))
+    assert_close("uniform aux", uniform.route(x)[1].aux_loss, torch.tensor(1.0, dtype=torch.float64))
 
 
 def test_noise_only_in_training():
     layer = moe(noise=1.0)
     x = inputs()
-    assert torch.equal(layer(x)[0], layer(x)[0])  # evaluation: deterministic
+    assert torch.equal(layer.route(x)[0], layer.route(x)[0])  # evaluation: deterministic
     layer.train()
     torch.manual_seed(1)
-    a = layer(x)[0]
+    a = layer.route(x)[0]
     torch.manual_seed(2)
-    assert not torch.equal(a, layer(x)[0])
+    assert not torch.equal(a, layer.route(x)[0])
     plain = moe(noise=0.0).train()
-    assert plain.router.noise_gate is None and torch.equal(plain(x)[0], plain(x)[0])
+    assert plain.router.noise_gate is None and torch.equal(plain.route(x)[0], plain.route(x)[0])
 
 
 def test_every_expert_and_the_router_get_gradient():
     layer = moe().train()
     torch.manual_seed(0)
-    y, stats = layer(inputs(B=4, T=16))
+    y, stats = layer.route(inputs(B=4, T=16))
     (y.pow(2).sum() + stats.aux_loss).backward()
     missing = [n for n, p in layer.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
@@ -131,10 +132,20 @@ def test_the_dense_path_equals_the_sparse_one_at_evaluation() -> None:
     mask = torch.ones(3, 9, dtype=torch.bool)
     mask[1, :4] = False
     sparse, s_stats = moe.sparse_forward(x, mask)
-    moe.path = "dense"
-    dense, d_stats = moe(x, mask)
+    with use_path("dense"):
+        dense, d_stats = moe.route(x, mask)
     assert_close("dense MoE", dense, sparse)
     assert torch.equal(d_stats.tokens_per_expert, s_stats.tokens_per_expert)
     assert_close("aux loss", d_stats.aux_loss, s_stats.aux_loss)
-    with pytest.raises(ValueError, match="evaluation only"):
-        moe.train()(x, mask)
+    with use_path("dense"), pytest.raises(ValueError, match="evaluation only"):
+        moe.train().route(x, mask)
+
+
+def test_as_a_sublayer_it_reports_its_routing_through_the_context():
+    layer = moe()
+    x = inputs()
+    ctx = BlockContext(None, torch.arange(7).expand(3, 7))
+    y = layer(x, ctx, None)
+    y_ref, stats = layer.route(x)
+    assert torch.equal(y, y_ref) and len(ctx.reports) == 1
+    assert torch.equal(ctx.reports[0].tokens_per_expert, stats.tokens_per_expert)

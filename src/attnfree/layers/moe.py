@@ -15,6 +15,7 @@ on the other tokens in the batch, which is what decoding with a recurrent state 
 
 Load balancing (Switch eq. 4-6): aux = E * sum_e f_e P_e, f_e = fraction of assignments routed to e,
 P_e = mean router probability of e; 1.0 when balanced. Padding tokens are not routed and not counted.
+As a sublayer it returns the branch and appends its ``RoutingStats`` to ``ctx.reports``; it keeps no state.
 Shapes: B batch, T time, C width, N routed tokens, E experts, k = top_k.
 """
 
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnfree.layers.ffn import ACTIVATIONS
+from attnfree.layers.sublayer import BlockContext, Sublayer, SublayerState, forced_path
+from attnfree.layers.validation import check_mode
 
 
 @dataclass
@@ -70,14 +73,18 @@ class NoisyTopKRouter(nn.Module):
         return clean + torch.randn_like(clean) * self.noise * F.softplus(self.noise_gate(x))
 
 
-class SparseMoE(nn.Module):
-    """Pre-LN noisy top-k mixture of experts. x: [B, T, C], mask [B, T] bool -> ([B, T, C], RoutingStats)."""
+class SparseMoE(Sublayer):
+    """Pre-LN noisy top-k mixture of experts: x [B, T, C] -> [B, T, C], its ``RoutingStats`` into ``ctx.reports``.
+
+    Two paths with the same values at evaluation: "sparse" (each expert on its routed tokens; training, with the
+    capacity limit) and "dense" (every expert everywhere, combined by the gates: no data-dependent shapes, what a
+    traced graph needs). Automatic: dense at evaluation under torch.compile, else sparse (``use_path`` forces one).
+    """
 
     def __init__(self, hidden_size: int, multiplier: float, activation: str, n_experts: int, top_k: int,
                  capacity_factor: float, noise: float, dropout: float, eps: float):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        check_mode("SparseMoE.activation", activation, ACTIVATIONS)
         if not 1 <= top_k <= n_experts:
             raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
         self.top_k, self.capacity_factor = top_k, capacity_factor
@@ -85,7 +92,6 @@ class SparseMoE(nn.Module):
         self.router = NoisyTopKRouter(hidden_size, n_experts, noise)
         self.experts = nn.ModuleList([Expert(hidden_size, multiplier, activation) for _ in range(n_experts)])
         self.dropout = nn.Dropout(dropout)
-        self.path = "auto"  # "sparse" | "dense" | "auto": dense at evaluation while traced (export), else sparse
 
     @property
     def n_experts(self) -> int:
@@ -97,14 +103,25 @@ class SparseMoE(nn.Module):
             return n_tokens * self.top_k
         return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RoutingStats]:
-        path = self.path if self.path != "auto" else (
-            "dense" if torch.compiler.is_compiling() and not self.training else "sparse")
-        if path == "dense":
+    def forward(self, x: Tensor, ctx: BlockContext, state: SublayerState | None = None) -> Tensor:
+        y, stats = self.route(x, ctx.mask)
+        ctx.reports.append(stats)
+        return y
+
+    def route(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RoutingStats]:
+        """The output and the routing statistics, by the path ``path`` chooses."""
+        if self.path() == "dense":
             if self.training:
                 raise ValueError("the dense mixture-of-experts path has no capacity limit: evaluation only")
             return self.dense_forward(x, mask)
         return self.sparse_forward(x, mask)
+
+    def path(self) -> str:
+        """"sparse" or "dense": the forced one (``use_path``), else dense at evaluation under torch.compile."""
+        forced = forced_path()
+        if forced in ("sparse", "dense"):
+            return forced
+        return "dense" if torch.compiler.is_compiling() and not self.training else "sparse"
 
     def dense_forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RoutingStats]:
         """Evaluation without data-dependent shapes (what an exported graph needs): every expert on every position,
