@@ -16,7 +16,7 @@ def small_text(data_dir, tmp_path):
     return str(path)
 
 
-ARGS = ["--models", "fastformer:residual=normed,gpt2", "--tokenizer", "bpe:300", "--hidden-size", "32",
+ARGS = ["--models", "fastformer:preset=seed,gpt2", "--tokenizer", "bpe:300", "--hidden-size", "32",
         "--n-heads", "2", "--num-layers", "2", "--block-size", "32", "--batch-size", "4", "--max-steps", "6",
         "--eval-every", "3", "--no-progress", "--sample-tokens", "8", "--prompt", "KING:", "--seeds", "3,4"]
 
@@ -27,14 +27,14 @@ def test_compare_over_seeds_writes_tables_plots_and_samples(small_text, tmp_path
     out = tmp_path / "cmp"
     assert main(["compare", "--data", small_text, "--output-dir", str(out), *ARGS]) == 0
     printed = capsys.readouterr().out
-    assert "| fastformer_residual=normed |" in printed and "| gpt2 |" in printed
+    assert "| fastformer_preset=seed |" in printed and "| gpt2 |" in printed
     # every model under every seed, the same trained tokenizer and budget; each run in its own folder
     results = json.loads((out / "results.json").read_text())
     assert {"python", "torch", "transformers", "attnfree", "git_commit", "git_dirty"} <= results["provenance"].keys()
     assert results["seeds"] == [3, 4] and results["baseline"] == "gpt2"
     models = results["models"]
     runs = {(k, int(s)): RunResult(**v) for k, m in models.items() for s, v in m["runs"].items()}
-    assert sorted(runs) == [("fastformer_residual=normed", 3), ("fastformer_residual=normed", 4), ("gpt2", 3),
+    assert sorted(runs) == [("fastformer_preset=seed", 3), ("fastformer_preset=seed", 4), ("gpt2", 3),
                             ("gpt2", 4)]
     assert {r.settings["tokenizer"] for r in runs.values()} == {str((out / "tokenizer").resolve())}
     assert all(r.steps == 6 and r.settings["seed"] == seed for (_, seed), r in runs.items())
@@ -42,8 +42,8 @@ def test_compare_over_seeds_writes_tables_plots_and_samples(small_text, tmp_path
     for label, seed in runs:
         assert (out / label / f"seed-{seed}" / "run.json").is_file()
     # the summary: mean and std over seeds, the paired difference to the baseline with its interval
-    ff = models["fastformer_residual=normed"]
-    bpcs = [runs[("fastformer_residual=normed", s)].bpc for s in (3, 4)]
+    ff = models["fastformer_preset=seed"]
+    bpcs = [runs[("fastformer_preset=seed", s)].bpc for s in (3, 4)]
     base = [runs[("gpt2", s)].bpc for s in (3, 4)]
     assert ff["summary"]["n"] == 2 and ff["summary"]["mean"] == pytest.approx(sum(bpcs) / 2)
     diff = ff["difference"]
@@ -60,7 +60,7 @@ def test_compare_over_seeds_writes_tables_plots_and_samples(small_text, tmp_path
 
 
 def test_labels_and_table_rows():
-    assert label_of("fastformer:kernel_size=8,residual=normed") == "fastformer_kernel_size=8_residual=normed"
+    assert label_of("fastformer:kernel_size=8,preset=seed") == "fastformer_kernel_size=8_preset=seed"
     run = RunResult(model="gpt2", parameters=1234, bpc=2.5, nats_per_char=1.73, loss_per_token=1.73,
                     perplexity=5.64, tokens_per_second=1000.0, peak_memory_mb=512.0, wall_seconds=12.3,
                     train_seconds=10.0, steps=6, tokens_trained=768, stopped_by="max_steps", data_protocol="d",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attnfree.data import (
-    PRESETS,
+    CORPORA,
     BlockDataset,
     ByteTokenizer,
     RandomWindowDataset,
@@ -218,7 +218,7 @@ def test_hf_dataset_offline_says_pass_local_files() -> None:
 
 
 def test_presets_table_lists_the_bundle_files(data_dir: Path) -> None:
-    for preset in PRESETS.values():
+    for preset in CORPORA.values():
         assert (data_dir / preset.train_file).is_file()
 
 

@@ -36,8 +36,7 @@ CASES = [pytest.param(cls, name, id=f"{cls.__name__}.{name}") for cls in MODELS 
 
 
 def test_the_mode_fields_are_found() -> None:
-    assert set(mode_fields(FastformerConfig)) == {"position_embedding_type", "residual", "decay", "decay_per",
-                                                  "ffn_type"}
+    assert set(mode_fields(FastformerConfig)) == {"position_embedding_type", "preset", "decay", "ffn_type"}
     assert set(mode_fields(LeviathanConfig)) == {"position_embedding_type", "block_flavour"}
 
 
@@ -77,6 +76,6 @@ def test_a_model_given_the_wrong_config_class_names_the_one_it_needs(model_class
 
 @pytest.mark.parametrize("name, value", [("residual", "Raw"), ("decay", "learnd")])
 def test_the_layer_checks_its_modes_too(name: str, value: str) -> None:
-    kwargs = dict(hidden_size=8, n_heads=2, dropout=0.0, eps=1e-5, residual="raw", chunk=4, decay="none")
+    kwargs = dict(hidden_size=8, n_heads=2, dropout=0.0, eps=1e-5, chunk=4, decay="none", residual="raw")
     with pytest.raises(ValueError, match=rf"{name} must be one of"):
         FastformerAttention(**{**kwargs, name: value})

@@ -3,6 +3,8 @@
 The toy family is the proof that the contract holds: a causal running mean with its own state, in well under 100
 lines, one registration line, and nothing in ``models/cache.py``, ``inference/export.py`` or ``inference/serve``
 knows it; yet it decodes, batches, beam-searches, saves and loads, exports to ONNX and serves like the others.
+With ``running_max=True`` it also takes the toy sublayer of ``tests/toy_sublayer.py``: a new sublayer is one file
+and one config field.
 """
 
 from __future__ import annotations
@@ -12,19 +14,15 @@ import pytest
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
+from toy_sublayer import RunningMax
 from transformers import AutoModelForCausalLM
 
 from attnfree.data import ByteTokenizer
 from attnfree.inference.decoding import chunked_prefill, stream_generate
 from attnfree.inference.sampling import Sampling
-from attnfree.models.base import (
-    BlockContext,
-    LayerState,
-    RecurrentBlock,
-    RecurrentConfig,
-    RecurrentForCausalLM,
-    RecurrentModel,
-)
+from attnfree.layers.ffn import FeedForward
+from attnfree.layers.sublayer import BlockContext, Sublayer
+from attnfree.models.base import RecurrentConfig, RecurrentForCausalLM, RecurrentModel, SublayerBlock
 from attnfree.models.compat import output_cache
 from attnfree.models.registry import MODELS, ModelSize, build_model, register_model
 from attnfree.testing import assert_close, perturb
@@ -36,41 +34,47 @@ from attnfree.testing import assert_close, perturb
 
 @strict
 class ToyConfig(RecurrentConfig):
-    """A causal running-mean mixer: nothing but the shared fields."""
+    """A causal running-mean mixer: the shared fields, and one to plug in the toy sublayer."""
 
     model_type = "attnfree_toy"
 
+    running_max: bool = False  # add tests/toy_sublayer.py's RunningMax after the mean: one field, one file
 
-class RunningMean(RecurrentBlock):
-    """h += W_o mean_{j <= i, j real} W_v LN(h_j); h += FFN(LN(h)). State: the running sum [B, C] and count [B]."""
 
-    def __init__(self, config: ToyConfig):
+class RunningMean(Sublayer):
+    """y_i = W_o mean_{j <= i, j real} W_v LN(x_j). State: the running sum [B, C] and count [B]."""
+
+    def __init__(self, C: int):
         super().__init__()
-        C = config.hidden_size
         self.norm, self.value, self.out = nn.LayerNorm(C), nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
-        self.ffn = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, 2 * C), nn.GELU(), nn.Linear(2 * C, C))
 
-    def forward(self, h: Tensor, ctx: BlockContext, state: LayerState | None) -> tuple[Tensor, LayerState | None]:
-        x = self.value(self.norm(h))  # [B, T, C]
-        real = torch.ones_like(x[..., :1]) if ctx.mask is None else ctx.mask[..., None].to(x.dtype)  # [B, T, 1]
-        start = state if state else self.init_state(h.shape[0], h.device, h.dtype)
-        sums = start["sum"][:, None] + torch.cumsum(x * real, 1)  # [B, T, C]
+    def forward(self, x: Tensor, ctx: BlockContext, state: dict | None = None) -> Tensor:
+        v = self.value(self.norm(x))  # [B, T, C]
+        real = torch.ones_like(v[..., :1]) if ctx.mask is None else ctx.mask[..., None].to(v.dtype)  # [B, T, 1]
+        start = state if state else self.init_state(x.shape[0], x.device, x.dtype)
+        sums = start["sum"][:, None] + torch.cumsum(v * real, 1)  # [B, T, C]
         counts = start["count"][:, None, None] + torch.cumsum(real, 1)  # [B, T, 1]
         if state is not None:
             state["sum"], state["count"] = sums[:, -1], counts[:, -1, 0]
-        h = h + self.out(sums / counts.clamp_min(1))
-        return h + self.ffn(h), state
+        return self.out(sums / counts.clamp_min(1))
 
     def init_state(self, batch: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
-                   ) -> LayerState:
+                   ) -> dict:
         C = self.value.in_features
         return {"sum": torch.zeros(batch, C, device=device, dtype=dtype),
                 "count": torch.zeros(batch, device=device, dtype=dtype)}
 
 
+class ToyBlock(SublayerBlock):
+    def __init__(self, config: ToyConfig):
+        C = config.hidden_size
+        extra = [("max", RunningMax(C))] if config.running_max else []
+        super().__init__([("mean", RunningMean(C)), *extra, ("ffn", FeedForward(C, 2, "gelu", 0.0, 1e-5))])
+
+
 class ToyModel(RecurrentModel):
     config_class = ToyConfig
-    block_class = RunningMean
+    block_class = ToyBlock
 
 
 class ToyForCausalLM(RecurrentForCausalLM):
@@ -92,9 +96,10 @@ OVERRIDES = {"leviathan": {"dense_lags": 4, "segment": 3}, "leviathan-moe": {"de
 # every attnfree recurrent family (the toy included), and each family with every option toward RWKV switched on
 CASES = {name: (name, OVERRIDES.get(name)) for name, entry in MODELS.items()
          if isinstance(entry.build, type) and issubclass(entry.build, RecurrentForCausalLM)}
-CASES["fastformer+options"] = ("fastformer", {"pool_head_size": 1, "decay_per": "pool_head", "bonus": True,
-                                              "token_shift": True, "output_gate": True, "ffn_type": "channel_mix"})
-CASES["leviathan+options"] = ("leviathan", {**OVERRIDES["leviathan"], "output_gate": True,
+CASES["fastformer+options"] = ("fastformer", {"bonus": True, "token_shift": True, "ffn_type": "channel_mix",
+                                              "decay": "fixed", "preset": "seed"})
+CASES["toy+running_max"] = ("toy", {"running_max": True})  # a new sublayer: one file, one config field
+CASES["leviathan+options"] = ("leviathan", {**OVERRIDES["leviathan"],
                                             "block_flavour": "channel_mix4"})
 FAMILIES = sorted(CASES)
 

@@ -33,8 +33,8 @@ def batch(B=3, T=20, vocab=40, seed=0):
 
 CONV = [pytest.param({}, id="plain"), pytest.param(dict(convolve=True, groups=3), id="conv"),
         pytest.param(dict(convolve=True, kernel_size=1), id="conv-k1"),
-        pytest.param(dict(position_embedding_type="none", residual="normed"), id="nopos-normed"),
-        pytest.param(dict(decay="none", scale_logits=True, convolve=True), id="design-conv")]
+        pytest.param(dict(position_embedding_type="none", preset="seed"), id="nopos-seed"),
+        pytest.param(dict(decay="none", preset="seed", convolve=True), id="seed-conv")]
 
 
 @pytest.mark.parametrize("kw", CONV)
@@ -199,7 +199,7 @@ def test_bad_input_ids(bad, match):
 @pytest.mark.parametrize("field,value", [
     ("hidden_size", 25), ("n_heads", 0), ("groups", 5), ("kernel_size", 0), ("num_hidden_layers", 0),
     ("hidden_dropout_prob", 1.0), ("hidden_dropout_prob", -0.1), ("label_smoothing", 1.5),
-    ("position_embedding_type", "rotary"), ("residual", "none"), ("decay", "alibi"), ("pad_token_id", 40),
+    ("position_embedding_type", "rotary"), ("preset", "none"), ("decay", "alibi"), ("pad_token_id", 40),
     ("initializer_range", 0.0), ("vocab_size", 0), ("ffn_multiplier", 0), ("pool_chunk_size", 0),
 ])
 def test_invalid_config_names_the_field(field, value):
@@ -210,11 +210,11 @@ def test_invalid_config_names_the_field(field, value):
 NON_DEFAULT = {  # every field, a non-default value
     "hidden_size": 30, "vocab_size": 41, "n_positions": 32, "n_heads": 2, "convolve": True, "groups": 3,
     "kernel_size": 2, "num_hidden_layers": 3, "label_smoothing": 0.1, "initializer_range": 0.5,
-    "hidden_dropout_prob": 0.3, "position_embedding_type": "learned", "residual": "normed", "decay": "fixed",
-    "scale_logits": True, "ffn_multiplier": 2,
+    "hidden_dropout_prob": 0.3, "position_embedding_type": "learned", "preset": "seed", "decay": "fixed",
+    "ffn_multiplier": 2,
     "layer_norm_eps": 1e-2, "pool_chunk_size": 4, "pad_token_id": 3, "bos_token_id": 4, "eos_token_id": 5,
-    "use_cache": False, "tie_word_embeddings": False, "pool_head_size": 4, "decay_per": "pool_head", "bonus": True,
-    "token_shift": True, "output_gate": True, "ffn_type": "channel_mix", "sequence_chunk": 4,
+    "use_cache": False, "tie_word_embeddings": False, "bonus": True,
+    "token_shift": True, "ffn_type": "channel_mix", "sequence_chunk": 4,
 }
 
 
@@ -256,7 +256,6 @@ def test_every_config_field_is_declared_here():
 @pytest.mark.parametrize("field", sorted(NON_DEFAULT))
 def test_every_config_field_has_an_effect(field):
     extra = {"groups": {"convolve": True}, "kernel_size": {"convolve": True},
-             "decay_per": {"pool_head_size": 2},  # (pool heads = heads: per head is per pool head)
              "n_positions": {"position_embedding_type": "learned"}}.get(field, {})  # (no positions: no limit)
     assert signature(**extra) != signature(**extra, **{field: NON_DEFAULT[field]})
 

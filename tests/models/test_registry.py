@@ -29,21 +29,21 @@ def test_conv_variant_has_one_layer_fewer_and_matched_parameters():
 
 
 def test_spec_overrides_reach_the_config():
-    assert parse_model_spec("fastformer:residual=normed,kernel_size=8") == (
-        "fastformer", {"residual": "normed", "kernel_size": 8})
+    assert parse_model_spec("fastformer:preset=seed,kernel_size=8") == (
+        "fastformer", {"preset": "seed", "kernel_size": 8})
     model = build_model("fastformer-conv:kernel_size=8", SIZE, ByteTokenizer(), {"label_smoothing": 0})
     assert model.config.kernel_size == 8 and model.config.label_smoothing == 0.0
     gpt2 = build_model("gpt2:n_inner=128,activation_function=relu", SIZE, ByteTokenizer())
     assert gpt2.config.n_inner == 128 and gpt2.config.activation_function == "relu"
-    design = build_model("fastformer:decay=none,scale_logits=true", SIZE, ByteTokenizer())
-    assert design.config.decay == "none" and design.config.scale_logits is True  # the string choice, not None
+    design = build_model("fastformer:decay=none,bonus=true", SIZE, ByteTokenizer())
+    assert design.config.decay == "none" and design.config.bonus is True  # the string choice, not None
     with pytest.raises(ValueError, match="unknown FastformerConfig field.*kernal"):
         build_model("fastformer:kernal=3", SIZE, ByteTokenizer())
 
 
 def test_model_lists_keep_overrides_with_their_model():
-    assert split_model_list("fastformer:residual=normed,kernel_size=8,gpt2") == [
-        "fastformer:residual=normed,kernel_size=8", "gpt2"]
+    assert split_model_list("fastformer:preset=seed,kernel_size=8,gpt2") == [
+        "fastformer:preset=seed,kernel_size=8", "gpt2"]
 
 
 def test_register_model_is_one_line():

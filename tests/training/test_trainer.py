@@ -76,7 +76,7 @@ def test_recipes_and_overrides():
 
 
 def test_settings_round_trip_through_a_dict():
-    settings = TrainSettings(model="fastformer:residual=normed", betas=(0.8, 0.95), report_to=["tensorboard"])
+    settings = TrainSettings(model="fastformer:preset=seed", betas=(0.8, 0.95), report_to=["tensorboard"])
     assert TrainSettings.from_dict(settings.to_dict()) == settings
     with pytest.raises(ValueError, match="unknown TrainSettings field"):
         TrainSettings.from_dict({"widht": 3})

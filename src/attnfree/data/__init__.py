@@ -6,7 +6,7 @@
 - ``fetch``: where the bundle files come from (local bundle, cache, or a checked download)
 """
 
-from attnfree.data.corpora import HF_DATASETS, PRESETS, Corpus, load_corpus, load_hf_corpus, read_text, split_tail
+from attnfree.data.corpora import CORPORA, HF_DATASETS, Corpus, load_corpus, load_hf_corpus, read_text, split_tail
 from attnfree.data.fetch import (
     CACHE_ENV,
     DATA_ENV,
@@ -31,7 +31,7 @@ from attnfree.data.tokenization import (
 from attnfree.data.windows import BlockDataset, RandomWindowDataset, tokenize_cached
 
 __all__ = [
-    "CACHE_ENV", "DATA_ENV", "HF_DATASETS", "META_FILE", "MIRROR_ENV", "PRESETS", "TOKENIZERS", "BPETokenizer",
+    "CACHE_ENV", "DATA_ENV", "HF_DATASETS", "META_FILE", "MIRROR_ENV", "CORPORA", "TOKENIZERS", "BPETokenizer",
     "BlockDataset", "ByteTokenizer", "Corpus", "FetchError", "PretrainedTokenizer", "RandomWindowDataset",
     "TextTokenizer", "bundle_file", "default_cache_dir", "gpt2_tokenizer", "load_corpus", "load_hf_corpus",
     "load_saved_tokenizer", "load_tokenizer", "read_text", "resolve_data_dir", "split_tail", "tokenize_cached",

@@ -33,7 +33,7 @@ class _Preset:
     protocol: str
 
 
-PRESETS: dict[str, _Preset] = {
+CORPORA: dict[str, _Preset] = {
     "tinyshakespeare": _Preset(
         "tinyshakespeare/input.txt",
         None,
@@ -93,7 +93,7 @@ def preset_text(relative: str, data_dir: str | Path | None = None) -> str:
 
 
 def _load_preset(name: str, data_dir: str | Path | None) -> Corpus:
-    preset = PRESETS[name]
+    preset = CORPORA[name]
     train = preset_text(preset.train_file, data_dir)
     if preset.valid_file is not None:
         return Corpus(train, preset_text(preset.valid_file, data_dir), name, preset.protocol)
@@ -146,16 +146,16 @@ def _load_local(spec: str) -> Corpus:
     elif where.is_file() or where.suffix or os.sep in spec:
         text, what = read_text(where), str(where)
     else:
-        valid = ", ".join([*PRESETS, *HF_DATASETS, "hf:NAME[:CONFIG]", "a path"])
+        valid = ", ".join([*CORPORA, *HF_DATASETS, "hf:NAME[:CONFIG]", "a path"])
         raise ValueError(f"unknown corpus {spec!r}; valid: {valid}")
     protocol = f"{what}: first 90% of characters train, last 10% validation"
     return Corpus(*split_tail(text, 0.9), spec, protocol)
 
 
 def load_corpus(spec: str, data_dir: str | Path | None = None) -> Corpus:
-    """Load a corpus by preset name (``PRESETS``), Hugging Face name (``HF_DATASETS`` or
+    """Load a corpus by preset name (``CORPORA``), Hugging Face name (``HF_DATASETS`` or
     ``hf:NAME[:CONFIG]``), a text file (last 10% held out), ``train.txt,valid.txt``, or a folder."""
-    if spec in PRESETS:
+    if spec in CORPORA:
         return _load_preset(spec, data_dir)
     if spec in HF_DATASETS:
         return load_hf_corpus(*HF_DATASETS[spec])

@@ -93,7 +93,7 @@ class RecallSettings:
     seed: int = 0
 
 
-PRESETS: dict[str, list[RecallSettings]] = {
+RECALL_PRESETS: dict[str, list[RecallSettings]] = {
     # Small enough for minutes per model on 2 CPU cores; GPT-2 reaches >= 0.99 on it (docs/results/recall).
     # GPT-2 at width 64 must solve it (else the task or the training is broken): at T = 32, 4 pairs, V = 64 it
     # reached 0.494 after 1,500 steps and 1.000 after 4,000; at T = 64, 4 pairs, V = 256, 0.967 after 3,000.
@@ -288,7 +288,7 @@ def _write(out: Path, entries: list[dict[str, Any]], prov: dict[str, Any]) -> No
 
 def settings_for(preset: str, **overrides: Any) -> list[RecallSettings]:
     """A preset's settings with any RecallSettings field (or ``seq_len``/``n_pairs``/``vocab_size``) overridden."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown recall preset {preset!r}; valid: {', '.join(PRESETS)}")
+    if preset not in RECALL_PRESETS:
+        raise ValueError(f"unknown recall preset {preset!r}; valid: {', '.join(RECALL_PRESETS)}")
     task_fields = {k: overrides.pop(k) for k in ("seq_len", "n_pairs", "vocab_size", "power_a") if k in overrides}
-    return [replace(s, task=replace(s.task, **task_fields), **overrides) for s in PRESETS[preset]]
+    return [replace(s, task=replace(s.task, **task_fields), **overrides) for s in RECALL_PRESETS[preset]]

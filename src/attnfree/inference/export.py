@@ -8,11 +8,11 @@ Two graphs per model, written with a ``manifest.json`` that a torch-free runner 
 
 Both are the model itself, traced: the prefill is its parallel forward, the step its own one-token forward over a
 cache rebuilt from the graph's inputs. Nothing here knows a family. The state is the model's ``RecurrentCache``
-flattened into named tensors (``RecurrentCache.flatten``: ``layers.<i>.<key>.<field>`` for each block's state, then
-``positions``, the real tokens seen per row), every one with the batch first; the empty state and its layout come
-from the blocks' ``init_state`` (``empty_cache``). Inputs are named ``state.<name>``, outputs ``new_state.<name>``.
-So a new family exports as soon as its step is made of traceable tensor operations (the contract tests check it
-with a toy family).
+flattened into named tensors (``RecurrentCache.flatten``: ``layers.<i>.<sublayer>.<key>.<field>`` for each block's
+state, then ``positions``, the real tokens seen per row), every one with the batch first; the empty state and its
+layout come from the blocks' ``init_state`` (``empty_cache``). Inputs are named ``state.<name>``, outputs
+``new_state.<name>``. So a new family exports as soon as its step is made of traceable tensor operations (the
+contract tests check it with a toy family).
 
 Export goes through ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript) with a dynamic batch and, for
 the prefill, a dynamic T (the TorchScript exporter, ``dynamo=False``, fails on ``aten::cummax``). ONNX has no

@@ -2,8 +2,8 @@
 
 ``sample_rows`` samples a batch of rows at once, each row with its own settings (``Sampling``: greedy, or
 temperature / top-k / top-p) and its own random generator. Rows that share settings are filtered together, top-k
-keeps only the k candidates (so the later steps touch [G, k], not [G, V]: ``torch.multinomial`` over the whole
-vocabulary costs ~2.5 ms per row at V = 50257 on CPU, more than a batched model step), and each row draws one
+keeps only the k candidates (so the later steps touch [G, k], not [G, V]: a draw over the whole vocabulary can cost
+more than a batched model step), and each row draws one
 uniform number from its own generator and inverts the cumulative distribution (``searchsorted``): a row's draw never
 depends on which other rows share its batch, so a seed gives the same tokens alone and in any company.
 

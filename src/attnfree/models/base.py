@@ -7,7 +7,8 @@ A family writes (see ``models/fastformer`` and ``models/leviathan``, and the toy
 - its block: a ``RecurrentBlock`` with ``forward(h, ctx, state) -> (h, state)`` for training, prefill and the
   one-token step alike, and ``init_state(batch, device, dtype)``: the state of a sequence that has seen nothing.
   A state is a dict of tensors or trees of tensors with the batch first (``models.cache``): that is all serving,
-  beam search and export need of it;
+  beam search and export need of it. Most blocks are a ``SublayerBlock``: residual sublayers in order, each with
+  its own state under its own name (the sublayer interface, ``layers.sublayer``);
 - two thin classes naming the block: ``XModel(RecurrentModel)`` with ``block_class`` and
   ``XForCausalLM(RecurrentForCausalLM)`` with ``backbone_class``;
 - one registration line in ``models/registry.py``.
@@ -28,9 +29,10 @@ Shapes: B batch, T time, C width, V vocabulary.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -40,7 +42,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from attnfree.layers.ffn import ChannelMix
+from attnfree.layers.sublayer import BlockContext, Sublayer
 from attnfree.models.cache import RecurrentCache
 from attnfree.models.common import (
     causal_lm_loss,
@@ -131,20 +133,6 @@ class RecurrentConfig(PreTrainedConfig):
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class BlockContext:
-    """What every block of one forward reads besides h and its state.
-
-    mask: [B, T] bool, True = real token; None when nothing is padded (the faster mask-free paths).
-    positions: [B, T] long, the real-token index of each position (left padding starts at 0).
-    reports: what blocks report beside h, collected for the output (e.g. mixture-of-experts routing statistics).
-    """
-
-    mask: Tensor | None
-    positions: Tensor
-    reports: list[Any] = field(default_factory=list)
-
-
 LayerState = dict[str, Any]
 
 
@@ -161,6 +149,26 @@ class Inputs:
     cache: RecurrentCache | None
 
 
+def prepare_inputs(model: Any, input_ids: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
+                   inputs_embeds: Tensor | None, cache: RecurrentCache | None, use_cache: bool | None) -> Inputs:
+    """A backbone's checked inputs: exactly one of ids and embeddings, no empty sequence; the padding mask; the cache
+    (``model.new_cache`` when caching without one); positions counting real tokens (continuing the cache's)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids or inputs_embeds")
+    ref = input_ids if input_ids is not None else inputs_embeds
+    assert ref is not None
+    B, T, device = ref.shape[0], ref.shape[1], ref.device
+    if T == 0:
+        raise ValueError("empty input: the sequence has no tokens")
+    mask = padding_mask(attention_mask)
+    use_cache = use_cache if use_cache is not None else (model.config.use_cache and not model.training)
+    cache = (cache if cache is not None else model.new_cache(B, device)) if use_cache else None
+    if position_ids is None:
+        position_ids = position_ids_from_mask(mask, B, T, cache, device)
+    real = attention_mask if attention_mask is not None else torch.ones(B, T, device=device)
+    return Inputs(input_ids, inputs_embeds, mask, real, position_ids, cache)
+
+
 class RecurrentBlock(GradientCheckpointingLayer):
     """One block of a family: ``forward(h [B, T, C], ctx, state) -> (h [B, T, C], state)``.
 
@@ -173,6 +181,34 @@ class RecurrentBlock(GradientCheckpointingLayer):
                    ) -> LayerState:
         """The state of ``batch`` sequences that have seen nothing: what export writes as the empty state."""
         raise NotImplementedError(f"{type(self).__name__} must define init_state")
+
+
+class SublayerBlock(RecurrentBlock):
+    """A block made of residual sublayers: ``h = h + sublayer(h, ctx, state[name])`` for each, in order.
+
+    ``sublayers`` are (name, sublayer) pairs; each sublayer is a module of the block under its name and keeps its
+    state under the same name in the block's state (``{"attention": {...}, "ffn": {...}}``).
+    """
+
+    def __init__(self, sublayers: list[tuple[str, Sublayer]]):
+        super().__init__()
+        for name, sublayer in sublayers:
+            self.add_module(name, sublayer)
+        self.order = tuple(name for name, _ in sublayers)
+
+    def sublayers(self) -> Iterator[tuple[str, Sublayer]]:
+        """(name, sublayer) in order."""
+        for name in self.order:
+            yield name, cast(Sublayer, self._modules[name])
+
+    def forward(self, h: Tensor, ctx: BlockContext, state: LayerState | None) -> tuple[Tensor, LayerState | None]:
+        for name, sublayer in self.sublayers():
+            h = h + sublayer(h, ctx, None if state is None else state.setdefault(name, {}))
+        return h, state
+
+    def init_state(self, batch: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+                   ) -> LayerState:
+        return {name: sublayer.init_state(batch, device, dtype) for name, sublayer in self.sublayers()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,8 +249,9 @@ class RecurrentPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The one place where initialisation lives: N(0, initializer_range) linear and embedding weights, zero
-        biases and padding embedding, unit LayerNorms. A family extends it for its own modules (super() first).
+        """The one place where initialisation is dispatched: N(0, initializer_range) linear and embedding weights,
+        zero biases and padding embedding, unit LayerNorms; every sublayer's own parameters by its
+        ``reset_parameters``. A family extends it for modules of its own (super() first).
 
         Through ``transformers.initialization``, which leaves alone the tensors a checkpoint has just filled.
         """
@@ -230,8 +267,8 @@ class RecurrentPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, ChannelMix):
-            init.constant_(module.time_mix, 0.5)
+        elif isinstance(module, Sublayer):
+            module.reset_parameters()
 
     def auto_classes(self) -> dict[str, type]:
         """The classes transformers' Auto classes should build for this checkpoint."""
@@ -344,20 +381,7 @@ class RecurrentModel(RecurrentPreTrainedModel):
     def prepare(self, input_ids: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
                 inputs_embeds: Tensor | None, cache: RecurrentCache | None, use_cache: bool | None) -> Inputs:
         """Check the inputs; the padding mask, the cache (a new one when caching without one) and positions."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("give exactly one of input_ids or inputs_embeds")
-        ref = input_ids if input_ids is not None else inputs_embeds
-        assert ref is not None
-        B, T, device = ref.shape[0], ref.shape[1], ref.device
-        if T == 0:
-            raise ValueError("empty input: the sequence has no tokens")
-        mask = padding_mask(attention_mask)
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        cache = (cache if cache is not None else self.new_cache(B, device)) if use_cache else None
-        if position_ids is None:
-            position_ids = position_ids_from_mask(mask, B, T, cache, device)
-        real = attention_mask if attention_mask is not None else torch.ones(B, T, device=device)
-        return Inputs(input_ids, inputs_embeds, mask, real, position_ids, cache)
+        return prepare_inputs(self, input_ids, attention_mask, position_ids, inputs_embeds, cache, use_cache)
 
     def mix(self, inputs: Inputs, output_hidden_states: bool) -> tuple[Tensor, tuple[Tensor, ...] | None, list[Any]]:
         """The token mixing: (h [B, T, C], the hidden states if asked, what the blocks reported).
@@ -463,11 +487,6 @@ class RecurrentGenerationMixin:
         return inputs
 
 
-def as_tensor(x: Tensor | list[Tensor] | tuple[Tensor, ...] | None) -> Tensor | None:
-    """A list of per-stream tensors [B, T] as one [S, B, T] tensor (the ensemble's module streams)."""
-    return torch.stack(list(x)) if isinstance(x, (list, tuple)) else x
-
-
 _STANDARD_OUTPUTS = {"loss", "logits", "cache", "past_key_values", "hidden_states", "attentions"}
 
 
@@ -480,8 +499,8 @@ def _tracing() -> bool:
 def decode_head(head: nn.Linear, h: Tensor) -> Tensor:
     """``head(h)`` through a [C, V] contiguous copy of the head's [V, C] weight, made on first use and again whenever
     the weight changes (its storage, version counter or dtype); kept in the module's ``__dict__``, not as a
-    parameter or buffer, so it is never saved. Why: on a CPU, F.linear at batch 1 reads a [V, C] weight about 5x
-    slower than a matmul reads [C, V] (V = 32,100, C = 256, one thread: 6.8 vs 1.3 ms); at batch 16 they are level.
+    parameter or buffer, so it is never saved. Why: on a CPU, F.linear at batch 1 reads a [V, C] weight several
+    times slower than a matmul reads [C, V] (measured in docs/performance.md, decoding); at batch 16 they are level.
     Costs one more copy of the head's weight in memory while decoding."""
     w = head.weight
     key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
@@ -536,6 +555,13 @@ class RecurrentForCausalLM(RecurrentGenerationMixin, RecurrentPreTrainedModel, G
         """A term added to the training loss (e.g. load balancing); none here."""
         return None
 
+    def lm_loss(self, logits: Tensor, labels: Any, attention_mask: Any, num_items_in_batch: Tensor | int | None
+                ) -> Tensor:
+        """Next-token cross-entropy of logits [B, T, V] against labels [B, T] (``causal_lm_loss``), with the
+        config's label smoothing in training only."""
+        smoothing = self.config.label_smoothing if self.training else 0.0  # never at evaluation
+        return causal_lm_loss(logits, labels, attention_mask, smoothing, num_items_in_batch)
+
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -556,15 +582,10 @@ class RecurrentForCausalLM(RecurrentGenerationMixin, RecurrentPreTrainedModel, G
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, resolve_cache(cache, past_key_values),
                          use_cache, output_hidden_states)
         h = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[..., -logits_to_keep:, :]
-        logits = self.compute_logits(h)  # [B, T, V] (the ensemble's module streams: [S, B, T, V])
+        logits = self.compute_logits(h)  # [B, T, V]
         loss = None
         if labels is not None:
-            smoothing = self.config.label_smoothing if self.training else 0.0  # never at evaluation
-            mask = as_tensor(attention_mask)
-            flat = logits.reshape(-1, *logits.shape[-2:])  # streams flattened into the batch
-            loss = causal_lm_loss(flat, as_tensor(labels).reshape(flat.shape[:2]),  # type: ignore[union-attr]
-                                  mask.reshape(flat.shape[:2]) if mask is not None else None, smoothing,
-                                  num_items_in_batch)
+            loss = self.lm_loss(logits, labels, attention_mask, num_items_in_batch)
             extra = self.extra_loss(out) if self.training else None
             loss = loss + extra if extra is not None else loss
         extras = {name: getattr(out, name) for name in self.extra_outputs if hasattr(out, name)}

@@ -2,9 +2,10 @@
 
 Unlike a KV cache, nothing here grows with the number of tokens seen. ``layers[i]`` is the state of block i: a dict
 of named states, each a tensor or a tree of tensors (NamedTuple, dataclass, dict, list) whose first axis is the
-batch, e.g. ``{"query": AdditiveState, "key": AdditiveState, "conv": Tensor}``. That is the whole contract: because
-every leaf is batch-first, selecting, reordering, repeating and concatenating streams, and flattening the state into
-named tensors for an exported graph, are the same few tree operations for every family.
+batch, one entry per sublayer, e.g. ``{"attention": {"query": AdditiveState, "key": AdditiveState},
+"conv": {"inputs": Tensor}}``. That is the whole contract: because every leaf is batch-first, selecting, reordering,
+repeating and concatenating streams, and flattening the state into named tensors for an exported graph, are the
+same few tree operations for every family.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class RecurrentCache:
     # -- flat, named tensors: the state an exported graph takes and returns ---------------------------------
 
     def flatten(self) -> list[tuple[str, Tensor]]:
-        """Every state tensor with its name (``layers.<i>.<key>.<field>``), then ``positions`` (seen_tokens)."""
+        """Every state tensor with its name (``layers.<i>.<sublayer>.<key>.<field>``), then ``positions``."""
         named = [leaf for i, d in enumerate(self.layers) for leaf in tree_leaves(d, f"layers.{i}")]
         return [*named, (POSITIONS, self.seen_tokens)]
 

@@ -37,29 +37,3 @@ def build_gpt2(config: GPT2Config) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 with SDPA attention."""
     check_gpt2_config(config)
     return GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
-
-
-def gpt2_baseline(vocab_size: int, hidden_size: int, n_heads: int, num_layers: int, n_positions: int, dropout: float,
-                  pad_token_id: int, bos_token_id: int, eos_token_id: int, ffn_multiplier: float = 4
-                  ) -> GPT2LMHeadModel:
-    """The baseline at these sizes, feed-forward width ``round(ffn_multiplier * hidden_size)``."""
-    sizes = gpt2_sizes(hidden_size, n_heads, num_layers, n_positions, dropout, vocab_size, pad_token_id,
-                       bos_token_id, eos_token_id)
-    return build_gpt2(GPT2Config(**sizes, n_inner=round(ffn_multiplier * hidden_size)))
-
-
-def matched_gpt2(config: Any) -> GPT2LMHeadModel:
-    """The GPT-2 baseline matching ``config`` (any object with ``hidden_size``, ``n_heads``,
-    ``num_hidden_layers``, ``n_positions`` (or ``max_position_embeddings``), ``hidden_dropout_prob``,
-    ``vocab_size`` and ``pad/bos/eos_token_id``). The feed-forward width follows ``intermediate_size``
-    when the config has one, else 4 x hidden."""
-    hidden = int(config.hidden_size)
-    n_positions = getattr(config, "n_positions", None) or config.max_position_embeddings
-    intermediate = getattr(config, "intermediate_size", None)
-    return gpt2_baseline(
-        vocab_size=int(config.vocab_size), hidden_size=hidden, n_heads=int(config.n_heads),
-        num_layers=int(config.num_hidden_layers), n_positions=int(n_positions),
-        dropout=float(config.hidden_dropout_prob), pad_token_id=int(config.pad_token_id),
-        bos_token_id=int(config.bos_token_id), eos_token_id=int(config.eos_token_id),
-        ffn_multiplier=intermediate / hidden if intermediate else 4,
-    )

@@ -238,6 +238,9 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int
 
 register_model("fastformer", FastformerConfig, FastformerForCausalLM)
 register_model("fastformer-conv", FastformerConfig, FastformerForCausalLM, one_layer_fewer, {"convolve": True})
+# the earlier fastformerLM package's design, whole: its residual and logit scale, no recency, learned positions
+register_model("fastformer-seed", FastformerConfig, FastformerForCausalLM, defaults={
+    "preset": "seed", "decay": "none", "position_embedding_type": "learned"})
 register_model("leviathan", LeviathanConfig, LeviathanForCausalLM)
 register_model("leviathan-ensemble", LeviathanEnsembleConfig, LeviathanEnsembleForCausalLM)
 register_model("leviathan-moe", LeviathanMoEConfig, LeviathanMoEForCausalLM)

@@ -7,8 +7,8 @@ from typing import Any
 from attnfree.training.settings import TrainSettings
 
 RECIPES: dict[str, TrainSettings] = {
-    # Small enough that `attnfree compare --recipe demo` of three models finishes in minutes on 2 CPU cores.
-    # Measured: about 3-4 minutes for fastformer, fastformer-conv and gpt2 (0.83M parameters each), evals included.
+    # Small enough that `attnfree compare --recipe demo` of three models finishes in minutes on 2 CPU cores
+    # (docs/results.md has the measured times).
     "demo": TrainSettings(
         data="tinyshakespeare", tokenizer="byte", hidden_size=128, n_heads=4, num_layers=4, block_size=64,
         batch_size=12, max_steps=500, dropout=0.0, lr=2e-3, eval_every=100, eval_max_chars=20_000,

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 from attnfree.models.leviathan.configuration_leviathan import (
     BLOCK_FLAVOURS,
-    PRESETS,
     LeviathanConfig,
     LeviathanEnsembleConfig,
     LeviathanMoEConfig,
-    leviathan_config,
 )
+from attnfree.models.leviathan.ensemble import LeviathanEnsembleForCausalLM, LeviathanEnsembleModel
 from attnfree.models.leviathan.modeling_leviathan import (
     LeviathanBlock,
     LeviathanCausalLMOutput,
-    LeviathanEnsembleForCausalLM,
-    LeviathanEnsembleModel,
     LeviathanForCausalLM,
     LeviathanModel,
     LeviathanModelOutput,
+    LeviathanMoEBlock,
     LeviathanMoEForCausalLM,
     LeviathanMoEModel,
     LeviathanPreTrainedModel,
@@ -26,9 +24,8 @@ from attnfree.models.leviathan.modeling_leviathan import (
 
 __all__ = [
     "BLOCK_FLAVOURS",
-    "PRESETS",
-    "LeviathanCausalLMOutput",
     "LeviathanBlock",
+    "LeviathanCausalLMOutput",
     "LeviathanConfig",
     "LeviathanEnsembleConfig",
     "LeviathanEnsembleForCausalLM",
@@ -36,9 +33,9 @@ __all__ = [
     "LeviathanForCausalLM",
     "LeviathanModel",
     "LeviathanModelOutput",
+    "LeviathanMoEBlock",
     "LeviathanMoEConfig",
     "LeviathanMoEForCausalLM",
     "LeviathanMoEModel",
     "LeviathanPreTrainedModel",
-    "leviathan_config",
 ]

@@ -10,7 +10,7 @@ from huggingface_hub.dataclasses import strict
 
 from attnfree.models.base import RecurrentConfig
 from attnfree.models.validation import check_choice, check_divisible, check_positive, check_positive_float
-from attnfree.ops.correlation import make_lags
+from attnfree.ops.correlation import LagSet, make_lags
 
 # block flavour -> (activation of the feed-forward block, its width as a multiple of hidden_size)
 BLOCK_FLAVOURS: dict[str, tuple[str, float]] = {
@@ -24,7 +24,7 @@ BLOCK_FLAVOURS: dict[str, tuple[str, float]] = {
 
 
 @functools.lru_cache(maxsize=64)
-def lag_set(dense_lags: int, n_positions: int) -> tuple[int, ...]:
+def lag_tuple(dense_lags: int, n_positions: int) -> tuple[int, ...]:
     """``make_lags`` as a tuple, made once per (dense_lags, n_positions) on the CPU (also while a model is being
     built on the meta device by ``from_pretrained``)."""
     with torch.device("cpu"):
@@ -44,7 +44,6 @@ class LeviathanConfig(RecurrentConfig):
         block_flavour: feed-forward block: "gelu4" (4x GELU), "relu3" (3x ReLU), "leaky6" (6x LeakyReLU),
             "sqrelu4" (4x squared ReLU), "channel_mix4" (RWKV's channel mix at 4x) or "channel_mix3.5" (at 3.5x: the
             parameters of gelu4, the gate paid for by a narrower FFN).
-        output_gate: a sigmoid gate (RWKV's receptance) on the correlation branch, sigmoid(W_r LN(h)) * Corr(LN(h)).
     """
 
     model_type = "leviathan"
@@ -52,12 +51,23 @@ class LeviathanConfig(RecurrentConfig):
     dense_lags: int = 32
     segment: int = 4
     block_flavour: str = "gelu4"
-    output_gate: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if kwargs.pop("output_gate", False):  # (a legacy config.json holds it at False: nothing to do)
+            raise ValueError(f"{type(self).__name__}.output_gate was removed (it lost its ablation: "
+                             "docs/leviathan.md); a checkpoint trained with it loads with attnfree before the "
+                             "middle-floor change (git history)")
+        super().__post_init__(**kwargs)
 
     @property
     def lags(self) -> tuple[int, ...]:
         """The lag set every correlation layer uses (L entries)."""
-        return lag_set(self.dense_lags, self.n_positions)
+        return lag_tuple(self.dense_lags, self.n_positions)
+
+    @property
+    def lag_set(self) -> LagSet:
+        """The lags and the segment length, as the correlation op takes them."""
+        return LagSet(self.lags, self.segment)
 
     @property
     def ffn_activation(self) -> str:
@@ -133,28 +143,11 @@ class LeviathanMoEConfig(LeviathanConfig):
         if self.router_top_k > self.n_experts:
             raise ValueError(f"{type(self).__name__}.router_top_k={self.router_top_k} must be <= "
                              f"n_experts={self.n_experts}")
+        if self.ffn_activation == "channel_mix":
+            raise ValueError(f"{type(self).__name__}.block_flavour {self.block_flavour!r} cannot be an expert (the "
+                             "channel mix keeps a state; experts are stateless feed-forward blocks)")
         check_positive_float(self, "capacity_factor")
         for f in ("noise", "aux_loss_coef"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"{type(self).__name__}.{f} must be >= 0, got {v!r}")
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # for tests: a few thousand parameters
-    "tiny": dict(vocab_size=64, hidden_size=32, n_heads=4, num_hidden_layers=2, n_positions=64, dense_lags=8,
-                 hidden_dropout_prob=0.0),
-    # the prototype's size: 20 blocks of width 800 with 20 heads (D = 40). Its true count with the T5
-    # vocabulary is 180,164,800: 153,664,000 in the blocks (12 C^2 + 4 C each), 26,499,200 in the token and
-    # position embeddings, 1,600 in the final LayerNorm; not the 77M it claimed. tests/models/test_leviathan.py
-    # asserts these numbers.
-    "base": dict(vocab_size=32100, hidden_size=800, n_heads=20, num_hidden_layers=20, n_positions=1024),
-}
-
-
-def leviathan_config(name: str, config_class: type[LeviathanConfig] = LeviathanConfig,
-                     **overrides: Any) -> LeviathanConfig:
-    """A preset ("tiny" or "base") as ``config_class``, with any field overridden."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown Leviathan preset {name!r}; choose from {sorted(PRESETS)}")
-    return config_class(**{**PRESETS[name], **overrides})
