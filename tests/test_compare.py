@@ -68,4 +68,4 @@ def test_labels_and_table_rows():
                     output_dir="x", settings={"seed": 7})
     lines = results_table({"gpt2@7": run}).splitlines()
     assert len(lines) == 3
-    assert lines[2] == "| gpt2 | 7 | 1,234 | 2.5000 | 1.7300 | 1.7300 | 5.640 | 1,000 | 512 | 12.3 | 6 |"
+    assert lines[2] == "| gpt2 | 7 | 1,234 | 2.5000 | 1.7300 | 1.7300 | 5.640 | 1,000 | 512 | 12.3 | 10.0 | 6 |"
