@@ -1,0 +1,147 @@
+"""Windowed additive pooling: naive <-> parallel <-> recurrent, values, final state and gradients; chunked prefill."""
+
+import pytest
+import torch
+
+from attnfree.ops.additive import PoolOptions, additive_pool_parallel
+from attnfree.ops.windowed import (
+    WindowOptions,
+    init_window_state,
+    windowed_pool_naive,
+    windowed_pool_parallel,
+    windowed_pool_recurrent,
+)
+from attnfree.testing import assert_close
+
+FORMS = {"parallel": windowed_pool_parallel, "recurrent": windowed_pool_recurrent}
+SIZES = [  # (B, T, H, D)
+    pytest.param(3, 1, 2, 8, id="T1"),
+    pytest.param(3, 63, 2, 7, id="T63-D7"),
+    pytest.param(3, 500, 1, 5, id="T500-D5"),
+]
+WINDOWS = [pytest.param(k, id=f"k{k}") for k in (1, 3, 64, 700)]  # 700 > every T
+SCALES = [pytest.param(3.0, id="scores3"), pytest.param(1e4, id="scores1e4")]
+
+
+def make_inputs(B, T, H, D, dtype, scale, seed=0):
+    """Random values and scores (std ``scale``), a left-padded row and a row with one real token."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, H, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    a = (torch.randn(B, T, H, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, : T // 3] = False
+    mask[-1, : T - 1] = False
+    return x, a, mask
+
+
+def run(fn, x, a, mask, k, do):
+    """Output, final state and (dx, da) under the upstream gradient ``do``."""
+    out, state = fn(x, a, mask, None, WindowOptions(k, output_final_state=True))
+    (out.double() * do).sum().backward()
+    grads = (x.grad.clone(), a.grad.clone())
+    x.grad = a.grad = None
+    return out, state, grads
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("k", WINDOWS)
+@pytest.mark.parametrize("B,T,H,D", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_forms_agree_with_the_reference(B, T, H, D, k, scale, form, dtype):
+    if form == "recurrent" and T > 63 and dtype == torch.float32:
+        pytest.skip("the step loop at T=500 is covered in float64")
+    x, a, mask = make_inputs(B, T, H, D, dtype, scale)
+    do = torch.randn(B, T, H, D, dtype=torch.float64)
+    xr, ar = x.detach().double().requires_grad_(), a.detach().double().requires_grad_()
+    ref_out, ref_state, (ref_dx, ref_da) = run(windowed_pool_naive, xr, ar, mask, k, do)
+    out, state, (dx, da) = run(FORMS[form], x, a, mask, k, do)
+    assert_close(f"{form} out", out, ref_out.to(dtype))
+    assert_close(f"{form} state.x", state.x, ref_state.x.to(state.x.dtype))
+    assert torch.equal(state.a, ref_state.a.to(state.a.dtype)), "the ring's scores are copied, not computed"
+    assert_close(f"{form} dx", dx, ref_dx.to(dtype))
+    if dtype == torch.float32 and scale > 100:
+        # at |a| ~ 1e4 the softmax is one-hot: the exact da is ~0 and float32's is the rounding of x_j - g_i (~1e-6)
+        assert (da.double() - ref_da).abs().max() < 1e-4
+    else:
+        assert_close(f"{form} da", da, ref_da.to(dtype))
+
+
+def test_a_window_of_padding_outputs_zero_and_a_window_of_one_is_the_value():
+    x, a, mask = make_inputs(3, 20, 2, 4, torch.float64, 3.0)
+    g, _ = windowed_pool_parallel(x, a, mask, None, WindowOptions(1))
+    assert torch.equal(g[~mask], torch.zeros_like(g[~mask]))
+    assert torch.equal(g[mask], x[mask])
+
+
+def test_the_window_forgets_what_left_it():
+    """Changing a position changes exactly the outputs of the k positions whose window holds it."""
+    B, T, H, D, k = 2, 30, 1, 3, 5
+    x, a, _ = make_inputs(B, T, H, D, torch.float64, 1.0)
+    g1, _ = windowed_pool_parallel(x, a, None, None, WindowOptions(k))
+    x2 = x.detach().clone()
+    x2[:, 10] += 1.0
+    g2, _ = windowed_pool_parallel(x2, a, None, None, WindowOptions(k))
+    changed = (g1 - g2).abs().amax((0, 2, 3)) > 0
+    assert changed.nonzero().flatten().tolist() == list(range(10, 10 + k))
+
+
+@pytest.mark.parametrize("k", [1, 3, 64])
+@pytest.mark.parametrize("cuts", [(1,), (7, 8), (40, 41, 62)], ids=["cut1", "cut7-8", "cut40-41-62"])
+def test_chunked_prefill_equals_the_whole_sequence(k, cuts):
+    """The parallel form continued from a state, in pieces (and single steps), equals one call on everything."""
+    B, T, H, D = 3, 63, 2, 6
+    x, a, mask = make_inputs(B, T, H, D, torch.float64, 3.0)
+    whole, whole_state = windowed_pool_parallel(x, a, mask, None, WindowOptions(k, True))
+    state, outs = init_window_state(B, H, D, k, torch.float64), []
+    for lo, hi in zip((0, *cuts), (*cuts, T), strict=True):
+        out, state = windowed_pool_parallel(x[:, lo:hi], a[:, lo:hi], mask[:, lo:hi], state, WindowOptions(k, True))
+        outs.append(out)
+    assert_close("pieces", torch.cat(outs, 1), whole)
+    assert_close("state.x", state.x, whole_state.x)
+    assert torch.equal(state.a, whole_state.a)
+
+
+def test_gradients_reach_the_initial_state():
+    B, T, H, D, k = 2, 9, 2, 3, 4
+    x, a, mask = make_inputs(B, T, H, D, torch.float64, 2.0)
+    ring = init_window_state(B, H, D, k, torch.float64)
+    ring = ring._replace(x=torch.randn(B, k, H, D, dtype=torch.float64), a=torch.randn(B, k, H, dtype=torch.float64))
+    grads = {}
+    for name, fn in {"naive": windowed_pool_naive, "parallel": windowed_pool_parallel}.items():
+        sx, sa = ring.x.clone().requires_grad_(), ring.a.clone().requires_grad_()
+        out, _ = fn(x, a, mask, ring._replace(x=sx, a=sa), WindowOptions(k))
+        out.pow(2).sum().backward()
+        grads[name] = (sx.grad, sa.grad)
+    assert_close("d state.x", grads["parallel"][0], grads["naive"][0])
+    assert_close("d state.a", grads["parallel"][1], grads["naive"][1])
+
+
+def test_a_window_as_long_as_the_sequence_is_the_global_pooling():
+    x, a, mask = make_inputs(3, 63, 2, 5, torch.float64, 3.0)
+    windowed, _ = windowed_pool_parallel(x, a, mask, None, WindowOptions(63))
+    glob, _ = additive_pool_parallel(x, a, mask, None, PoolOptions())
+    assert_close("k = T", windowed, glob)
+
+
+def test_the_difference_of_prefix_sums_fails_where_the_blocks_do_not():
+    """The formula as LEAP writes it, (s_i - s_{i-k}) / (z_i - z_{i-k}) with one max, loses the window at +-1e4."""
+    B, T, H, D, k = 2, 200, 1, 4, 8
+    x, a, _ = make_inputs(B, T, H, D, torch.float32, 1e4)
+    ref, _ = windowed_pool_naive(x, a, None, None, WindowOptions(k))
+    got, _ = windowed_pool_parallel(x, a, None, None, WindowOptions(k))
+    e = torch.exp(a - a.amax(1, keepdim=True)).unsqueeze(-1)  # [B, T, H, 1]: one max for the whole sequence
+    s, z = torch.cumsum(e * x, 1), torch.cumsum(e, 1)
+    s_win = s - torch.nn.functional.pad(s, (0, 0, 0, 0, k, 0))[:, :T]
+    z_win = z - torch.nn.functional.pad(z, (0, 0, k, 0))[:, :T]
+    naive_diff = s_win / z_win
+    assert (naive_diff - ref).abs().nan_to_num(float("inf")).amax() > 1.0
+    assert_close("blocks", got, ref)
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="window"):
+        WindowOptions(0)
+    x, a, _ = make_inputs(2, 5, 1, 3, torch.float64, 1.0)
+    with pytest.raises(ValueError, match="state.x"):
+        windowed_pool_parallel(x, a, None, init_window_state(2, 1, 3, 4), WindowOptions(5))
