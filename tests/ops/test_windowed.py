@@ -7,13 +7,15 @@ from attnfree.ops.additive import PoolOptions, additive_pool_parallel
 from attnfree.ops.windowed import (
     WindowOptions,
     init_window_state,
+    windowed_pool_banded,
+    windowed_pool_blocks,
     windowed_pool_naive,
     windowed_pool_parallel,
     windowed_pool_recurrent,
 )
 from attnfree.testing import assert_close
 
-FORMS = {"parallel": windowed_pool_parallel, "recurrent": windowed_pool_recurrent}
+FORMS = {"blocks": windowed_pool_blocks, "banded": windowed_pool_banded, "recurrent": windowed_pool_recurrent}
 SIZES = [  # (B, T, H, D)
     pytest.param(3, 1, 2, 8, id="T1"),
     pytest.param(3, 63, 2, 7, id="T63-D7"),
@@ -86,16 +88,17 @@ def test_the_window_forgets_what_left_it():
     assert changed.nonzero().flatten().tolist() == list(range(10, 10 + k))
 
 
+@pytest.mark.parametrize("form", ["blocks", "banded"])
 @pytest.mark.parametrize("k", [1, 3, 64])
 @pytest.mark.parametrize("cuts", [(1,), (7, 8), (40, 41, 62)], ids=["cut1", "cut7-8", "cut40-41-62"])
-def test_chunked_prefill_equals_the_whole_sequence(k, cuts):
+def test_chunked_prefill_equals_the_whole_sequence(k, cuts, form):
     """The parallel form continued from a state, in pieces (and single steps), equals one call on everything."""
     B, T, H, D = 3, 63, 2, 6
     x, a, mask = make_inputs(B, T, H, D, torch.float64, 3.0)
     whole, whole_state = windowed_pool_parallel(x, a, mask, None, WindowOptions(k, True))
     state, outs = init_window_state(B, H, D, k, torch.float64), []
     for lo, hi in zip((0, *cuts), (*cuts, T), strict=True):
-        out, state = windowed_pool_parallel(x[:, lo:hi], a[:, lo:hi], mask[:, lo:hi], state, WindowOptions(k, True))
+        out, state = FORMS[form](x[:, lo:hi], a[:, lo:hi], mask[:, lo:hi], state, WindowOptions(k, True))
         outs.append(out)
     assert_close("pieces", torch.cat(outs, 1), whole)
     assert_close("state.x", state.x, whole_state.x)
@@ -108,13 +111,15 @@ def test_gradients_reach_the_initial_state():
     ring = init_window_state(B, H, D, k, torch.float64)
     ring = ring._replace(x=torch.randn(B, k, H, D, dtype=torch.float64), a=torch.randn(B, k, H, dtype=torch.float64))
     grads = {}
-    for name, fn in {"naive": windowed_pool_naive, "parallel": windowed_pool_parallel}.items():
+    for name, fn in {"naive": windowed_pool_naive, "blocks": windowed_pool_blocks,
+                     "banded": windowed_pool_banded}.items():
         sx, sa = ring.x.clone().requires_grad_(), ring.a.clone().requires_grad_()
         out, _ = fn(x, a, mask, ring._replace(x=sx, a=sa), WindowOptions(k))
         out.pow(2).sum().backward()
         grads[name] = (sx.grad, sa.grad)
-    assert_close("d state.x", grads["parallel"][0], grads["naive"][0])
-    assert_close("d state.a", grads["parallel"][1], grads["naive"][1])
+    for form in ("blocks", "banded"):
+        assert_close(f"{form} d state.x", grads[form][0], grads["naive"][0])
+        assert_close(f"{form} d state.a", grads[form][1], grads["naive"][1])
 
 
 def test_a_window_as_long_as_the_sequence_is_the_global_pooling():
@@ -137,6 +142,19 @@ def test_the_difference_of_prefix_sums_fails_where_the_blocks_do_not():
     naive_diff = s_win / z_win
     assert (naive_diff - ref).abs().nan_to_num(float("inf")).amax() > 1.0
     assert_close("blocks", got, ref)
+
+
+def test_the_dispatcher_takes_the_band_for_short_windows(monkeypatch):
+    import attnfree.ops.windowed.parallel as parallel
+
+    taken = []
+    for name in ("windowed_pool_banded", "windowed_pool_blocks"):
+        form = getattr(parallel, name)
+        monkeypatch.setattr(parallel, name, lambda *args, form=form, name=name: (taken.append(name), form(*args))[1])
+    x, a, _ = make_inputs(2, 5, 1, 3, torch.float64, 1.0)
+    for k in (parallel.BANDED_MAX_WINDOW, parallel.BANDED_MAX_WINDOW + 1):
+        windowed_pool_parallel(x, a, None, None, WindowOptions(k))
+    assert taken == ["windowed_pool_banded", "windowed_pool_blocks"]
 
 
 def test_options_are_validated():
