@@ -25,6 +25,8 @@ fewer and larger operations than two scans, so faster for k up to ``BANDED_MAX_W
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -48,7 +50,7 @@ def _join(s1: Tensor, z1: Tensor, m1: Tensor, s2: Tensor, z2: Tensor, m2: Tensor
     return safe_divide(e1.unsqueeze(-1) * s1 + e2.unsqueeze(-1) * s2, e1 * z1 + e2 * z2)
 
 
-BANDED_MAX_WINDOW = 32  # windows up to this length take the banded form (fewer, larger operations: faster there)
+BANDED_MAX_WINDOW = 64  # windows up to this length take the banded form (fewer, larger operations: faster there)
 MIN_BAND_BLOCK = 16  # the banded form's shortest block: shorter blocks make many tiny matmuls
 
 
@@ -124,7 +126,8 @@ def windowed_pool_blocks(x: Tensor, scores: Tensor, mask: Tensor | None, initial
     n = (T + pad) // k
     S = F.pad(xs, (0, 0, 0, 0, 0, pad)).transpose(1, 2).unflatten(2, (n + 1, k))  # [B, H, N+1, k, D]
     r = F.pad(a_s, (0, 0, 0, pad), value=float("-inf")).transpose(1, 2).unflatten(2, (n + 1, k))  # [B, H, N+1, k]
-    ones, chunk = torch.ones_like(r[:, :, 1:]), max(2, options.chunk_size)
+    # (the scans' chunk: the block cut into equal chunks of at most options.chunk_size, so none is padded)
+    ones, chunk = torch.ones_like(r[:, :, 1:]), max(2, math.ceil(k / math.ceil(k / options.chunk_size)))
     # 2. prefix (s, z, m) of [0, r] in blocks 1..N; suffix of [r + 1, k) in blocks 0..N-1 (the last block's suffix and
     # the block before the sequence's prefix are never read)
     sp, zp, mp = _scan(S[:, :, 1:], ones, r[:, :, 1:], chunk)
