@@ -225,7 +225,7 @@ class LeapAttention(Sublayer):
                 decay, as in ``FastformerAttention``
     2. pool     g^k_i, g^v_i = softmax_j(a_j) over the window (the last k positions, or all) of k_j and v_j
     3. align    y_i = sigmoid(q_i . g^k_i / sqrt(D)) g^v_i  (q = W_q n); without ``alignment``, y_i = g^v_i
-                (LEAP's code computed the alignment and returned the pooled values alone: both are built)
+                (LEAP's code returned the pooled values alone until it applied the gate: both are built)
     No output projection (as in LEAP): the pooling is linear in v, so W_v already is one; W_q, W_f, W_k, W_v are one
     fused matrix of the pieces in use. State: {"pool": AdditiveState | WindowState} over [k, v] (v alone without
     alignment).
