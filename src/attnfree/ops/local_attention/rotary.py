@@ -1,0 +1,24 @@
+"""Rotary position embedding (Su et al. 2021, RoFormer eq. 34) at given positions: q . k then depends on the
+positions' difference only, so a state's stored keys stay valid however far decoding goes."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ROTARY_BASE = 10000.0
+
+
+def rotary(x: Tensor, positions: Tensor, base: float = ROTARY_BASE) -> Tensor:
+    """x [B, T, H, D] rotated pairwise by angles positions * base^(-2i / D'), D' = 2 floor(D / 2); an odd head's last
+    channel is left as it is. positions: [B, T]. Same dtype as x (angles in at least float32)."""
+    D = x.shape[-1]
+    half = D // 2
+    if half == 0:
+        return x
+    acc = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=acc) / half)  # [D'/2]
+    angles = positions.to(acc)[..., None, None] * inv_freq  # [B, T, 1, D'/2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], -1)
