@@ -3,6 +3,7 @@
 Layout (Megatron-style pre-LayerNorm residual blocks, each sublayer adding its branch to h):
     embeddings = Dropout(LayerNorm(token (+ learned position)))
     layer:  h += Conv(LN(h))               (if config.convolve)
+            h += LocalAttention(h)         (if config.local_window: softmax over the last w positions)
             h += FastformerAttention(h)    (two additive poolings)
             h += FFN(LN(h))
     logits = LN(h) W_e^T + b               (tied embeddings; times 1/sqrt(C) in the seed preset)
@@ -17,19 +18,22 @@ from torch import Tensor
 from attnfree.layers.additive_attention import FastformerAttention
 from attnfree.layers.conv import CausalConvolution
 from attnfree.layers.ffn import make_ffn
+from attnfree.layers.local_attention import LocalAttention
 from attnfree.layers.sublayer import Sublayer
 from attnfree.models.base import RecurrentForCausalLM, RecurrentModel, RecurrentPreTrainedModel, SublayerBlock
 from attnfree.models.fastformer.configuration_fastformer import FastformerConfig
 
 
 def fastformer_sublayers(c: FastformerConfig) -> list[tuple[str, Sublayer]]:
-    """The sublayers of one layer, in order: (convolution,) attention, feed-forward."""
+    """The sublayers of one layer, in order: (convolution,) (local attention,) attention, feed-forward."""
     conv = [("conv", CausalConvolution(c.hidden_size, c.kernel_size, c.groups, c.hidden_dropout_prob,
                                        c.layer_norm_eps, c.initializer_range))] if c.convolve else []
+    local = [("local", LocalAttention(c.hidden_size, c.n_heads, c.local_window, c.hidden_dropout_prob,
+                                      c.layer_norm_eps, c.local_rotary))] if c.local_window else []
     attention = FastformerAttention(c.hidden_size, c.n_heads, c.hidden_dropout_prob, c.layer_norm_eps,
                                     c.pool_chunk_size, c.decay, c.residual, c.bonus, c.token_shift)
     ffn = make_ffn(c.ffn_type, c.hidden_size, c.ffn_multiplier, c.hidden_dropout_prob, c.layer_norm_eps)
-    return [*conv, ("attention", attention), ("ffn", ffn)]
+    return [*conv, *local, ("attention", attention), ("ffn", ffn)]
 
 
 class FastformerLayer(SublayerBlock):

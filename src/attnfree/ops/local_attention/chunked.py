@@ -43,7 +43,7 @@ def local_attention_chunked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
     B, T, H, D = q.shape
     w = options.window
     c = block_size(w)
-    N = -(-T // c)  # blocks of queries
+    N = (T + c - 1) // c  # blocks of queries (non-negative operands: ONNX integer division truncates)
     state = initial_state if initial_state is not None else init_local_state(B, w, H, D, k.dtype, k.device)
     # 1. the state's entries in front of the new ones: [B, w + T, ...]
     keys = torch.cat([state.k.to(k.dtype), k], 1)

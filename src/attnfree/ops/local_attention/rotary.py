@@ -20,5 +20,7 @@ def rotary(x: Tensor, positions: Tensor, base: float = ROTARY_BASE) -> Tensor:
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=acc) / half)  # [D'/2]
     angles = positions.to(acc)[..., None, None] * inv_freq  # [B, T, 1, D'/2]
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], -1)
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    rotated = [x1 * cos - x2 * sin, x1 * sin + x2 * cos]
+    # (an empty slice for even D would be a zero-sized tensor in an exported graph: some runtimes divide by its size)
+    return torch.cat(rotated + ([x[..., 2 * half:]] if D % 2 else []), -1)
