@@ -18,7 +18,6 @@ from attnfree.ops.local_attention.state import (
     check_inputs,
     init_local_state,
     key_validity,
-    masked_softmax,
 )
 
 MIN_BLOCK = 16  # blocks never shorter: below that the batched block products are all call overhead
@@ -33,6 +32,11 @@ def pairs(x: Tensor, N: int, c: int) -> Tensor:
     """[B, (N + 1) c, ...] -> [B, N, 2c, ...]: block n's previous block and its own, side by side."""
     blocks = x.unflatten(1, (N + 1, c))
     return torch.cat([blocks[:, :-1], blocks[:, 1:]], 2)
+
+
+def heads_first(x: Tensor) -> Tensor:
+    """[B, N, L, H, D] -> [B N, H, L, D]: blocks as batch rows, the layout SDPA takes."""
+    return x.flatten(0, 1).transpose(1, 2)
 
 
 def local_attention_chunked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
@@ -53,14 +57,20 @@ def local_attention_chunked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
     tail = N * c - T
     kp, vp = (F.pad(x, (0, 0, 0, 0, c - w, tail)) for x in (keys, values))
     kvalid = F.pad(valid, (c - w, tail), value=False)
-    # 3. block n's queries [B, N, c, H, D] against its 2c keys; the band, then the padding
-    qb = F.pad(q, (0, 0, 0, 0, 0, tail)).unflatten(1, (N, c))
-    scores = torch.einsum("bnqhd,bnkhd->bnhqk", qb, pairs(kp, N, c)) / D ** 0.5  # [B, N, H, c, 2c]
+    # 3. the band inside a block's 2c keys, the same for every block, and the padding
     gap = (torch.arange(c, device=q.device)[:, None] + c) - torch.arange(2 * c, device=q.device)[None, :]
-    allowed = ((gap >= 0) & (gap < w)) & pairs(kvalid, N, c)[:, :, None, None, :]  # [B, N, 1, c, 2c]
-    out = torch.einsum("bnhqk,bnkhd->bnqhd", masked_softmax(scores, allowed), pairs(vp, N, c))
-    out = out.flatten(1, 2)[:, :T]  # [B, T, H, D]
-    # 4. the new state: the last w entries, copied (not views that would keep the whole sequence alive)
+    band = (gap >= 0) & (gap < w)  # [c, 2c]
+    allowed = band & pairs(kvalid, N, c)[:, :, None, :]  # [B, N, c, 2c]
+    # a query with no real key (padding only) attends its band, then outputs 0: no 0/0, and no gradient from it
+    empty = ~allowed.any(-1, keepdim=True)  # [B, N, c, 1]
+    allowed = allowed | (empty & band)
+    # 4. block n's c queries against its 2c keys, as one batch of [c, 2c] attentions ([B N, H, c, D] for SDPA)
+    qb = F.pad(q, (0, 0, 0, 0, 0, tail)).unflatten(1, (N, c))
+    out = F.scaled_dot_product_attention(heads_first(qb), heads_first(pairs(kp, N, c)), heads_first(pairs(vp, N, c)),
+                                         attn_mask=allowed.flatten(0, 1).unsqueeze(1))
+    out = out.transpose(1, 2).unflatten(0, (B, N))  # [B, N, c, H, D]
+    out = torch.where(empty.unsqueeze(-1), torch.zeros_like(out), out).flatten(1, 2)[:, :T]  # [B, T, H, D]
+    # 5. the new state: the last w entries, copied (not views that would keep the whole sequence alive)
     final = LocalState(keys[:, T:].clone(), values[:, T:].clone(), valid[:, T:].clone()) \
         if options.output_final_state else None
     return out, final
