@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from attnfree.models.registry import split_model_list
 from benchmarks.common import (
     QUICK,
     Row,
@@ -220,7 +221,7 @@ def main() -> None:
     gpt2_max_t = args.gpt2_max_t or (16384 if args.preset == "byte" else 0)
     rows: list[Row] = []
     given_up: set[str] = set()
-    names = available(args.models.split(","))
+    names = available(split_model_list(args.models))  # (a spec may carry several overrides: "m:a=1,b=2,gpt2")
     modes = (False, True) if args.compile else (False,)
     for seq_len in seq_lens:
         for name, compiled in ((n, c) for n in names for c in modes):

@@ -28,7 +28,8 @@ from attnfree.ops.local_attention import (
     init_local_state,
     local_attention_chunked,
     local_attention_step,
-    rotary,
+    rotary_angles,
+    rotate,
 )
 
 
@@ -59,7 +60,8 @@ class LocalAttention(Sublayer):
         B, T, _ = x.shape
         q, k, v = self.qkv(self.norm(x)).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
         if self.rotary:
-            q, k = rotary(q, ctx.positions), rotary(k, ctx.positions)
+            cos, sin = rotary_angles(ctx.positions, self.head_dim, q.dtype)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         return q, k, v
 
     def forward(self, x: Tensor, ctx: BlockContext, state: SublayerState | None = None) -> Tensor:

@@ -13,13 +13,14 @@ the row alone gives. Decoding needs the last w keys and values only: a state con
 - ``local_attention_chunked``: queries in blocks of c >= w against their own and the previous block: O(T w)
   time and memory, continuing from a state (training and prefill).
 - ``local_attention_recurrent``: one token at a time through ``local_attention_step`` (decoding).
-- ``rotary``: rotary position embedding at given positions, for the layer's queries and keys.
+- ``rotary`` (``rotary_angles`` then ``rotate``): rotary position embedding at given positions, for the layer's
+  queries and keys.
 """
 
 from attnfree.ops.local_attention.chunked import local_attention_chunked
 from attnfree.ops.local_attention.naive import local_attention_naive
 from attnfree.ops.local_attention.recurrent import local_attention_recurrent, local_attention_step
-from attnfree.ops.local_attention.rotary import rotary
+from attnfree.ops.local_attention.rotary import rotary, rotary_angles, rotate
 from attnfree.ops.local_attention.state import LocalState, WindowOptions, init_local_state
 
 __all__ = [
@@ -31,4 +32,6 @@ __all__ = [
     "local_attention_recurrent",
     "local_attention_step",
     "rotary",
+    "rotary_angles",
+    "rotate",
 ]

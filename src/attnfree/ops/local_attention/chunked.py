@@ -16,7 +16,6 @@ from attnfree.ops.local_attention.state import (
     LocalState,
     WindowOptions,
     check_inputs,
-    init_local_state,
     key_validity,
 )
 
@@ -44,33 +43,40 @@ def local_attention_chunked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
                             ) -> tuple[Tensor, LocalState | None]:
     """``local_attention_naive``'s contract (same values and gradients), in blocks: O(T w) time and memory."""
     check_inputs(q, k, v, mask, initial_state, options)
-    B, T, H, D = q.shape
+    B, T = q.shape[:2]
     w = options.window
     c = block_size(w)
     N = (T + c - 1) // c  # blocks of queries (non-negative operands: ONNX integer division truncates)
-    state = initial_state if initial_state is not None else init_local_state(B, w, H, D, k.dtype, k.device)
-    # 1. the state's entries in front of the new ones: [B, w + T, ...]
-    keys = torch.cat([state.k.to(k.dtype), k], 1)
-    values = torch.cat([state.v.to(v.dtype), v], 1)
-    valid = torch.cat([state.valid, key_validity(q, mask)], 1)
-    # 2. pad to (N + 1) blocks: c - w empty entries in front (block -1 is then the state), the tail to a whole block
+    # 1. the keys, values and their validity, in (N + 1) blocks: [c - w empty | the state's w | T new | tail], the
+    # tail to a whole block; without a state the state's w entries are empty too (c empty in front), as init_local_state
     tail = N * c - T
-    kp, vp = (F.pad(x, (0, 0, 0, 0, c - w, tail)) for x in (keys, values))
-    kvalid = F.pad(valid, (c - w, tail), value=False)
-    # 3. the band inside a block's 2c keys, the same for every block, and the padding
+    keys, values, valid = k, v, key_validity(q, mask)
+    if initial_state is not None:
+        keys = torch.cat([initial_state.k.to(k.dtype), keys], 1)
+        values = torch.cat([initial_state.v.to(v.dtype), values], 1)
+        valid = torch.cat([initial_state.valid, valid], 1)
+    front = c - w if initial_state is not None else c
+    kp, vp = (F.pad(x, (0, 0, 0, 0, front, tail)) for x in (keys, values))
+    kvalid = F.pad(valid, (front, tail), value=False)
+    # 2. the band inside a block's 2c keys, the same for every block, and the padding
     gap = (torch.arange(c, device=q.device)[:, None] + c) - torch.arange(2 * c, device=q.device)[None, :]
     band = (gap >= 0) & (gap < w)  # [c, 2c]
     allowed = band & pairs(kvalid, N, c)[:, :, None, :]  # [B, N, c, 2c]
-    # a query with no real key (padding only) attends its band, then outputs 0: no 0/0, and no gradient from it
-    empty = ~allowed.any(-1, keepdim=True)  # [B, N, c, 1]
-    allowed = allowed | (empty & band)
-    # 4. block n's c queries against its 2c keys, as one batch of [c, 2c] attentions ([B N, H, c, D] for SDPA)
+    # a query with no real key (only with padding: else it sees itself) attends its band, then outputs 0: no 0/0,
+    # and no gradient from it
+    empty = ~allowed.any(-1, keepdim=True) if mask is not None else None  # [B, N, c, 1]
+    if empty is not None:
+        allowed = allowed | (empty & band)
+    # 3. block n's c queries against its 2c keys, as one batch of [c, 2c] attentions ([B N, H, c, D] for SDPA)
     qb = F.pad(q, (0, 0, 0, 0, 0, tail)).unflatten(1, (N, c))
     out = F.scaled_dot_product_attention(heads_first(qb), heads_first(pairs(kp, N, c)), heads_first(pairs(vp, N, c)),
                                          attn_mask=allowed.flatten(0, 1).unsqueeze(1))
     out = out.transpose(1, 2).unflatten(0, (B, N))  # [B, N, c, H, D]
-    out = torch.where(empty.unsqueeze(-1), torch.zeros_like(out), out).flatten(1, 2)[:, :T]  # [B, T, H, D]
-    # 5. the new state: the last w entries, copied (not views that would keep the whole sequence alive)
-    final = LocalState(keys[:, T:].clone(), values[:, T:].clone(), valid[:, T:].clone()) \
+    if empty is not None:
+        out = torch.where(empty.unsqueeze(-1), torch.zeros_like(out), out)
+    out = out.flatten(1, 2)[:, :T]  # [B, T, H, D]
+    # 4. the new state: the last w entries before the tail, copied (not views that keep the whole sequence alive)
+    last = slice(c + T - w, c + T)
+    final = LocalState(kp[:, last].clone(), vp[:, last].clone(), kvalid[:, last].clone()) \
         if options.output_final_state else None
     return out, final
