@@ -21,6 +21,7 @@ EXPECTED = {
     "ops": ({"shape", "mode", "additive_ms", "correlation_ms", "cumsum_ms", "sdpa_ms", "additive/cumsum",
              "additive/sdpa", "correlation/cumsum", "correlation/sdpa"},
             ("additive_ms", "correlation_ms", "cumsum_ms", "sdpa_ms", "additive/cumsum", "correlation/sdpa")),
+    "local_attention": ({"op", "T", "batch", "ms", "tokens_per_s", "vs_sdpa"}, ("ms", "tokens_per_s", "vs_sdpa")),
     "utilization": ({"model", "T", "batch", "n_matmul", "gflop_per_token", "tokens_per_s", "gflop_per_s", "mfu",
                      "meets_target"}, ("n_matmul", "gflop_per_token", "tokens_per_s", "gflop_per_s", "mfu")),
     "precision": ({"model", "precision", "seed", "bpc", "final_loss", "tokens_per_s", "train_seconds", "steps",

@@ -19,6 +19,7 @@ from attnfree.layers.additive_attention import FastformerAttention, LeapAttentio
 from attnfree.layers.conv import CausalConvolution
 from attnfree.layers.correlation import MultiHeadedCorrelation
 from attnfree.layers.ffn import ChannelMix, FeedForward
+from attnfree.layers.local_attention import LocalAttention
 from attnfree.layers.moe import SparseMoE
 from attnfree.layers.sublayer import BlockContext, Sublayer, stateful, use_path
 from attnfree.models.cache import tree_leaves, tree_map
@@ -44,6 +45,8 @@ SUBLAYERS: dict[str, Callable[[], Sublayer]] = {
     "channel-mix": lambda: ChannelMix(C, 2, 0.0, 1e-5),
     "moe": lambda: SparseMoE(C, 2, "gelu", 3, 2, 1.25, 1.0, 0.0, 1e-5),
     "correlation": lambda: MultiHeadedCorrelation(C, H, LagSet((0, 1, 2, 4, 8), 2), 0.0, 1e-5),
+    "local-attention": lambda: LocalAttention(C, H, 3, 0.0, 1e-5),
+    "local-attention-wide-no-rotary": lambda: LocalAttention(C, H, 20, 0.0, 1e-5, rotary=False),
     "toy-running-max": lambda: RunningMax(C),  # the toy sublayer of tests/toy_sublayer.py
 }
 
@@ -76,6 +79,7 @@ def test_every_sublayer_is_in_the_table() -> None:
     import attnfree.layers.conv
     import attnfree.layers.correlation
     import attnfree.layers.ffn  # noqa: E401, F401
+    import attnfree.layers.local_attention  # noqa: F401
 
     def subclasses(cls: type) -> set[type]:
         return {s for c in cls.__subclasses__() for s in {c, *subclasses(c)}}

@@ -203,6 +203,7 @@ def test_bad_input_ids(bad, match):
     ("initializer_range", 0.0), ("vocab_size", 0), ("ffn_multiplier", 0), ("pool_chunk_size", 0),
     ("pool_windows", "lea"), ("pool_windows", [0]), ("pool_windows", -1), ("pool_windows", "4/x"),
     ("focus", "dots"), ("focus", "dot"), ("alignment", True),
+    ("local_window", -1),
 ])
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -217,7 +218,7 @@ NON_DEFAULT = {  # every field, a non-default value
     "layer_norm_eps": 1e-2, "pool_chunk_size": 4, "pad_token_id": 3, "bos_token_id": 4, "eos_token_id": 5,
     "use_cache": False, "tie_word_embeddings": False, "bonus": True,
     "token_shift": True, "ffn_type": "channel_mix", "sequence_chunk": 4, "pool_windows": 3, "focus": "dot",
-    "alignment": True,
+    "alignment": True, "local_window": 3, "local_rotary": False,
 }
 
 
@@ -258,7 +259,7 @@ def test_every_config_field_is_declared_here():
 
 @pytest.mark.parametrize("field", sorted(NON_DEFAULT))
 def test_every_config_field_has_an_effect(field):
-    extra = {"groups": {"convolve": True}, "kernel_size": {"convolve": True},
+    extra = {"groups": {"convolve": True}, "kernel_size": {"convolve": True}, "local_rotary": {"local_window": 4},
              "n_positions": {"position_embedding_type": "learned"},  # (no positions: no limit)
              "focus": {"preset": "leap"}, "alignment": {"preset": "leap"}}.get(field, {})
     assert signature(**extra) != signature(**extra, **{field: NON_DEFAULT[field]})

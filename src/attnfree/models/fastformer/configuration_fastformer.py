@@ -9,7 +9,13 @@ from huggingface_hub.dataclasses import strict
 from attnfree.layers.additive_attention import DECAY_MODES, FOCUS_MODES
 from attnfree.layers.ffn import FFN_TYPES
 from attnfree.models.base import RecurrentConfig
-from attnfree.models.validation import check_choice, check_divisible, check_positive, check_positive_float
+from attnfree.models.validation import (
+    check_choice,
+    check_divisible,
+    check_non_negative,
+    check_positive,
+    check_positive_float,
+)
 
 FASTFORMER_PRESETS = ("attnfree", "seed", "leap")
 WINDOW_SCHEDULES = ("global", "leap")  # named values of ``pool_windows``
@@ -40,6 +46,10 @@ class FastformerConfig(RecurrentConfig):
         convolve: add a causal convolution (with residual) before attention in every layer.
         groups: groups of that convolution (1 = full, hidden_size = depthwise).
         kernel_size: K taps of that convolution (its decoding state keeps K-1 inputs).
+        local_window: w > 0 adds sliding-window softmax attention over the last w positions (with residual)
+            before the additive attention in every layer, the local context in place of the convolution (the
+            registered model ``fastformer-local``); its decoding state keeps w keys and values. 0: none.
+        local_rotary: rotary position embeddings on that attention's queries and keys (an ordered window).
         decay: per-head recency of the additive pooling: "none" (a plain causal mean), "fixed" (ALiBi slopes as
             a score bias lambda_h * position) or "learned" (slopes trained from there).
         ffn_multiplier: width of the feed-forward layer as a multiple of hidden_size.
@@ -69,6 +79,8 @@ class FastformerConfig(RecurrentConfig):
     convolve: bool = False
     groups: int = 1
     kernel_size: int = 4
+    local_window: int = 0
+    local_rotary: bool = True
     decay: str = "learned"
     ffn_multiplier: int | float = 4
     pool_chunk_size: int = 32
@@ -87,6 +99,7 @@ class FastformerConfig(RecurrentConfig):
         """Raise ValueError naming the first invalid field."""
         super().validate_fields()
         check_positive(self, "groups", "kernel_size", "pool_chunk_size")
+        check_non_negative(self, "local_window")
         check_positive_float(self, "ffn_multiplier")
         check_divisible(self, "hidden_size", "groups")
         check_choice(self, "preset", FASTFORMER_PRESETS)

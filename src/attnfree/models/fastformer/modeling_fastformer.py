@@ -3,6 +3,7 @@
 Layout (Megatron-style pre-LayerNorm residual blocks, each sublayer adding its branch to h):
     embeddings = Dropout(LayerNorm(token (+ learned position)))
     layer:  h += Conv(LN(h))               (if config.convolve)
+            h += LocalAttention(h)         (if config.local_window: softmax over the last w positions)
             h += FastformerAttention(h)    (two additive poolings)
             h += FFN(LN(h))
     logits = LN(h) W_e^T + b               (tied embeddings; times 1/sqrt(C) in the seed preset)
@@ -17,6 +18,7 @@ from torch import Tensor
 from attnfree.layers.additive_attention import FastformerAttention, LeapAttention
 from attnfree.layers.conv import CausalConvolution
 from attnfree.layers.ffn import make_ffn
+from attnfree.layers.local_attention import LocalAttention
 from attnfree.layers.sublayer import Sublayer
 from attnfree.models.base import (
     RecurrentBlock,
@@ -39,12 +41,14 @@ def make_attention(c: FastformerConfig, window: int | None) -> Sublayer:
 
 
 def fastformer_sublayers(c: FastformerConfig, index: int = 0) -> list[tuple[str, Sublayer]]:
-    """The sublayers of layer ``index``, in order: (convolution,) attention, feed-forward."""
+    """The sublayers of layer ``index``, in order: (convolution,) (local attention,) attention, feed-forward."""
     conv = [("conv", CausalConvolution(c.hidden_size, c.kernel_size, c.groups, c.hidden_dropout_prob,
                                        c.layer_norm_eps, c.initializer_range))] if c.convolve else []
+    local = [("local", LocalAttention(c.hidden_size, c.n_heads, c.local_window, c.hidden_dropout_prob,
+                                      c.layer_norm_eps, c.local_rotary))] if c.local_window else []
     attention = make_attention(c, c.layer_windows[index])
     ffn = make_ffn(c.ffn_type, c.hidden_size, c.ffn_multiplier, c.hidden_dropout_prob, c.layer_norm_eps)
-    return [*conv, ("attention", attention), ("ffn", ffn)]
+    return [*conv, *local, ("attention", attention), ("ffn", ffn)]
 
 
 class FastformerLayer(SublayerBlock):
