@@ -103,6 +103,18 @@ def one_layer_fewer(size: ModelSize, ids: SpecialIds) -> dict[str, Any]:
     return {**recurrent_sizes(size, ids), "num_hidden_layers": max(1, size.num_layers - 1)}
 
 
+def local_window(n_positions: int) -> int:
+    """fastformer-local's default window for a model trained on ``n_positions`` tokens: a quarter of it (16 at 64),
+    at least 1; shorter than the context, so the global pooling and the window divide the work."""
+    return max(1, n_positions // 4)
+
+
+def local_attention_sizes(size: ModelSize, ids: SpecialIds) -> dict[str, Any]:
+    """``one_layer_fewer`` (the window's q, k, v and output projections cost what fastformer-conv's K = 4
+    convolution costs, 4 C^2 a layer) with the window sized to the training length (``local_window``)."""
+    return {**one_layer_fewer(size, ids), "local_window": local_window(size.n_positions)}
+
+
 def baseline_gpt2_sizes(size: ModelSize, ids: SpecialIds) -> dict[str, Any]:
     return gpt2_sizes(size.hidden_size, size.n_heads, size.num_layers, size.n_positions, size.dropout,
                       ids.vocab_size, ids.pad_token_id, ids.bos_token_id, ids.eos_token_id)
@@ -295,9 +307,14 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int
 
 register_model("fastformer", FastformerConfig, FastformerForCausalLM)
 register_model("fastformer-conv", FastformerConfig, FastformerForCausalLM, one_layer_fewer, {"convolve": True})
+# the local context by sliding-window attention in place of the convolution (the design's own next step)
+register_model("fastformer-local", FastformerConfig, FastformerForCausalLM, local_attention_sizes)
 # the earlier fastformerLM package's design, whole: its residual and logit scale, no recency, learned positions
 register_model("fastformer-seed", FastformerConfig, FastformerForCausalLM, defaults={
     "preset": "seed", "decay": "none", "position_embedding_type": "learned"})
+# LEAP (mtanghu/LEAP): windowed pooling by its schedule, the focus f . k and the alignment gate (docs/fastformer.md)
+register_model("leap", FastformerConfig, FastformerForCausalLM, defaults={
+    "preset": "leap", "pool_windows": "leap", "focus": "dot", "alignment": True})
 register_model("leviathan", LeviathanConfig, LeviathanForCausalLM)
 register_model("leviathan-ensemble", LeviathanEnsembleConfig, LeviathanEnsembleForCausalLM)
 register_model("leviathan-moe", LeviathanMoEConfig, LeviathanMoEForCausalLM)
