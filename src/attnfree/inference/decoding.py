@@ -104,7 +104,8 @@ def recompute_generate(
     generator: torch.Generator | None = None,
 ) -> Iterator[Tensor]:
     """``stream_generate`` for any causal LM (no cache): each step runs the whole sequence so far [B, T + n] and
-    samples from its last position. Slow (quadratic in the length), obviously correct, the same sampler."""
+    samples from its last position. Slow (quadratic in the length), obviously correct, the same sampler. A
+    left-padded batch gets whatever the model itself does with padding (GPT-2's positions ignore the mask)."""
     ids = input_ids
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
