@@ -57,6 +57,13 @@ def test_compare_over_seeds_writes_tables_plots_and_samples(small_text, tmp_path
     # an interrupted sweep resumes: the same command reuses every finished run
     assert main(["compare", "--data", small_text, "--output-dir", str(out), *ARGS]) == 0
     assert capsys.readouterr().err.count("reusing") == 4
+    # runs kept as their records alone (docs/results keeps run.json, not weights): reused, the table alike, no sample
+    for weights in out.glob("*/seed-*/*.safetensors"):
+        weights.unlink()
+    assert main(["compare", "--data", small_text, "--output-dir", str(out), *ARGS]) == 0
+    assert capsys.readouterr().err.count("reusing") == 4
+    again = json.loads((out / "results.json").read_text())
+    assert again["samples"] == {} and again["models"]["gpt2"]["runs"] == models["gpt2"]["runs"]
 
 
 def test_labels_and_table_rows():
@@ -141,6 +148,9 @@ def test_a_finished_run_is_reused_under_settings_that_only_gained_defaults(tmp_p
 
     record(recorded)
     assert _finished(settings) is not None
+    record({**recorded, "output_dir": "/elsewhere/run"})  # the folder moved (or was restored from docs/results)
+    assert _finished(settings) is not None
+    record(recorded)
     assert _finished(settings.replace(seed=4)) is None and _finished(settings.replace(lr=2e-3)) is None
     record({**recorded, "retired_field": 1})
     assert _finished(settings) is None

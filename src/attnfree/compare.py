@@ -112,7 +112,7 @@ def _shared_tokenizer(settings: TrainSettings, output_dir: Path, per_model: dict
 
 
 # settings that change no number a run reports: a run finished under other values of these is still reused
-_NOT_MEASURED = ("progress",)
+_NOT_MEASURED = ("progress", "output_dir")  # (a run folder moved, or restored from docs/results, is the same run)
 
 
 def _comparable(values: dict[str, Any]) -> dict[str, Any] | None:
@@ -251,6 +251,11 @@ def _budget_plans(per_model: dict[str, TrainSettings], tokenizer: SpecialIds, bu
 # ----------------------------------------------------------------------------------------------
 # 4-5: samples, tables, plots, files
 # ----------------------------------------------------------------------------------------------
+
+
+def _has_weights(run_dir: str) -> bool:
+    """Whether a run folder still holds its model (a run restored from its record alone has no sample)."""
+    return any(Path(run_dir).glob("*.safetensors"))
 
 
 def _sample(run_dir: str, prompt: str, max_new_tokens: int, seed: int) -> str:
@@ -445,7 +450,7 @@ def compare(
     runs = {label: {seed: done[(label, seed)] for seed in seed_list} for label in per_model}
     # 4-5
     samples = {label: _sample(r[seed_list[0]].output_dir, prompt, sample_tokens, seed_list[0])
-               for label, r in runs.items()}
+               for label, r in runs.items() if _has_weights(r[seed_list[0]].output_dir)}
     result = ComparisonResult(_summarize(per_model, runs, seed_list, base_label), seed_list, base_label, samples, "",
                               out, time.perf_counter() - start, budget_seconds=budget_seconds)
     result.table = summary_table(result)
