@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from toy_sublayer import RunningMax
 
-from attnfree.layers.additive_attention import FastformerAttention
+from attnfree.layers.additive_attention import FastformerAttention, LeapAttention
 from attnfree.layers.conv import CausalConvolution
 from attnfree.layers.correlation import MultiHeadedCorrelation
 from attnfree.layers.ffn import ChannelMix, FeedForward
@@ -32,6 +32,12 @@ SUBLAYERS: dict[str, Callable[[], Sublayer]] = {
     "attention-fixed-decay": lambda: FastformerAttention(C, H, 0.0, 1e-5, 4, decay="fixed"),
     "attention-seed": lambda: FastformerAttention(C, H, 0.0, 1e-5, 4, decay="none", residual="normed"),
     "attention-bonus-shift": lambda: FastformerAttention(C, H, 0.0, 1e-5, 4, bonus=True, token_shift=True),
+    "attention-window3": lambda: FastformerAttention(C, H, 0.0, 1e-5, 4, window=3),
+    "attention-window1-shift": lambda: FastformerAttention(C, H, 0.0, 1e-5, 4, decay="none", window=1,
+                                                           token_shift=True),
+    "leap-window3": lambda: LeapAttention(C, H, 0.0, 1e-5, 4, window=3),
+    "leap-global-normed": lambda: LeapAttention(C, H, 0.0, 1e-5, 4, focus="normed_dot", decay="fixed"),
+    "leap-window5-plain": lambda: LeapAttention(C, H, 0.0, 1e-5, 4, window=5, focus="vector", alignment=False),
     "conv": lambda: CausalConvolution(C, 3, 1, 0.0, 1e-5),
     "conv-depthwise": lambda: CausalConvolution(C, 4, C, 0.0, 1e-5),
     "ffn-gelu": lambda: FeedForward(C, 2, "gelu", 0.0, 1e-5),

@@ -255,6 +255,9 @@ register_model("fastformer-local", FastformerConfig, FastformerForCausalLM, loca
 # the earlier fastformerLM package's design, whole: its residual and logit scale, no recency, learned positions
 register_model("fastformer-seed", FastformerConfig, FastformerForCausalLM, defaults={
     "preset": "seed", "decay": "none", "position_embedding_type": "learned"})
+# LEAP (mtanghu/LEAP): windowed pooling by its schedule, the focus f . k and the alignment gate (docs/fastformer.md)
+register_model("leap", FastformerConfig, FastformerForCausalLM, defaults={
+    "preset": "leap", "pool_windows": "leap", "focus": "dot", "alignment": True})
 register_model("leviathan", LeviathanConfig, LeviathanForCausalLM)
 register_model("leviathan-ensemble", LeviathanEnsembleConfig, LeviathanEnsembleForCausalLM)
 register_model("leviathan-moe", LeviathanMoEConfig, LeviathanMoEForCausalLM)
