@@ -23,7 +23,7 @@ from attnfree.ops.local_attention import WindowOptions, local_attention_chunked
 from benchmarks.common import Row, ints, plot_lines, print_table, round_robin, write_json
 
 HEADS, HEAD_DIM, TOKENS = 4, 64, 16384  # train_throughput's byte preset: width 256, 16,384 tokens per batch
-QUICK = {"seq_lens": [64, 256], "windows": [4, 16], "tokens": 512, "repeats": 3}
+QUICK_SEQ_LENS, QUICK_WINDOWS, QUICK_TOKENS, QUICK_REPEATS = [64, 256], [4, 16], 512, 3
 
 
 def causal_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    seq_lens, windows, tokens, repeats = ((QUICK["seq_lens"], QUICK["windows"], QUICK["tokens"], QUICK["repeats"])
+    seq_lens, windows, tokens, repeats = ((QUICK_SEQ_LENS, QUICK_WINDOWS, QUICK_TOKENS, QUICK_REPEATS)
                                           if args.quick else (args.seq_lens, args.windows, TOKENS, args.repeats))
     rows = [row for T in seq_lens for row in measure(T, windows, tokens, repeats)]
     table = print_table(rows, ["op", "T", "batch", "ms", "tokens_per_s", "vs_sdpa"])

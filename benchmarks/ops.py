@@ -54,8 +54,8 @@ def _additive(shape: Shape) -> Op:  # x [B, T, H, D], scores [B, T, H]
 
 
 def _correlation(shape: Shape) -> Op:  # q, k, v [B, T, H, D], the default lag set make_lags(32, T), J = 4
-    lags = make_lags(32, shape[1])
-    return [torch.randn(shape) for _ in range(3)], lambda q, k, v: correlation_parallel(q, k, v, LagSet(lags, 4))[0]
+    spec = LagSet(tuple(make_lags(32, shape[1]).tolist()), 4)
+    return [torch.randn(shape) for _ in range(3)], lambda q, k, v: correlation_parallel(q, k, v, spec)[0]
 
 
 def _cumsum(shape: Shape) -> Op:
