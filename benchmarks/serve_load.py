@@ -88,7 +88,7 @@ def build_app(args: argparse.Namespace) -> Any:
     longest = max([*ints(args.lengths), args.header_length, args.long_length])
     return create_app(model, tokenizer, name, max_streams=max(ints(args.streams)) + args.fast_streams + 2,
                       max_tokens=longest, prefill_chunk=args.prefill_chunk,
-                      prefix_cache_bytes=int(args.prefix_cache_mib * 2**20))
+                      prefix_cache_mib=args.prefix_cache_mib)
 
 
 def serve_child(args: argparse.Namespace) -> None:
