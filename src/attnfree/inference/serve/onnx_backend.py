@@ -93,7 +93,7 @@ class OnnxBackend(Backend):
         return ArrayState.concat(states)
 
     def generator(self, seed: int) -> np.random.Generator:
-        return np.random.default_rng(seed)
+        return np.random.default_rng(seed % 2**64)  # any integer
 
     def sample(self, logits: np.ndarray, samplings: Sequence[Sampling], generators: Sequence[Any]) -> list[int]:
         """Greedy rows by one argmax over the batch; the others each with its own generator (``runtime.pick_next``,
