@@ -22,8 +22,6 @@ import torch
 from attnfree.data import ByteTokenizer
 from attnfree.inference.decoding import stream_generate
 from attnfree.inference.sampling import Sampling
-from attnfree.models.registry import ModelSize, build_model
-from attnfree.testing import perturb
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -36,31 +34,20 @@ NAME = "tiny-fastformer"
 KEY = "sk-test-0123456789"
 
 
-def tiny() -> torch.nn.Module:
-    """Position-free (no learned positions), float32 (as exported), perturbed so that greedy text varies."""
-    torch.manual_seed(0)
-    return perturb(build_model("fastformer", ModelSize(32, 2, 2, n_positions=2048), TOK), 0, std=0.2).eval()
-
-
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny()
+def model(tiny_model: torch.nn.Module) -> torch.nn.Module:
+    return tiny_model
 
 
 @pytest.fixture(scope="module", params=["torch", "onnx"])
-def served(request: Any, model: torch.nn.Module, tmp_path_factory: Any) -> tuple[Any, Any]:
-    """(what create_app serves, its tokenizer): the torch model, or an OnnxBackend of its export (and the export's
-    own tokenizer, as ``attnfree serve EXPORT_DIR`` loads it)."""
+def served(request: Any, model: torch.nn.Module) -> tuple[Any, Any]:
+    """(what create_app serves, its tokenizer): the torch model, or an OnnxBackend of the same model's export (and
+    the export's own tokenizer, as ``attnfree serve EXPORT_DIR`` loads it)."""
     if request.param == "torch":
         return model, TOK
-    pytest.importorskip("onnxscript")
-    pytest.importorskip("onnxruntime")
-    from attnfree.inference.export import export_onnx
     from attnfree.inference.serve.onnx_backend import OnnxBackend
 
-    folder = tmp_path_factory.mktemp("export")
-    export_onnx(model, TOK, folder)
-    backend = OnnxBackend(folder)
+    backend = OnnxBackend(request.getfixturevalue("tiny_export")[1])
     return backend, backend.tokenizer
 
 
