@@ -217,13 +217,14 @@ class Stream:
 # ----------------------------------------------------------------------------------------------
 
 
-def as_backend(model: Any) -> Backend:
-    """``model`` itself when it is a Backend, else a torch model in a ``TorchBackend`` (torch imported only then)."""
+def as_backend(model: Any, threads: int | None = None) -> Backend:
+    """``model`` itself when it is a Backend, else a torch model in a ``TorchBackend`` with ``threads`` (torch
+    imported only then)."""
     if isinstance(model, Backend):
         return model
     from attnfree.inference.serve.torch_backend import TorchBackend
 
-    return TorchBackend(model)
+    return TorchBackend(model, threads)
 
 
 class Engine:
@@ -236,7 +237,7 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Tokenizer, settings: ServeSettings | None = None, **overrides: Any):
         self.settings = s = resolve(settings, overrides)
-        self.backend, self.tokenizer = as_backend(model), tokenizer
+        self.backend, self.tokenizer = as_backend(model, s.threads), tokenizer
         self.max_streams, self.max_queue, self.max_tokens = s.max_streams, s.max_queue, s.max_tokens
         self.prefill_chunk, self.max_buffered = s.prefill_chunk, s.max_buffered
         self.context_limit = self.backend.context_limit
