@@ -75,9 +75,7 @@ def add_dataclass_flags(group: Any, settings: type) -> None:
     """One flag per field of the dataclass ``settings`` (its help from the field's metadata); defaults are
     SUPPRESSed so only given flags appear in the namespace."""
     for f in dataclasses.fields(settings):
-        default = settings.__dataclass_fields__[f.name]
-        shown = default.default if default.default is not dataclasses.MISSING else "{}" if "dict" in str(
-            f.type) else "[]"
+        shown = f.default if f.default is not dataclasses.MISSING else "{}" if "dict" in str(f.type) else "[]"
         help_text = f"{f.metadata['help']} (default: {shown})"
         if f.name in _DICT_FLAGS:
             group.add_argument(_DICT_FLAGS[f.name], dest=f.name, action="append", metavar="KEY=VALUE",

@@ -142,3 +142,21 @@ def test_torch_and_onnx_servers_give_the_same_greedy_tokens(family: str, tmp_pat
     on_onnx = served_tokens(engine, prompts)
     assert on_onnx == on_torch, family
     assert engine.stats()["prefix_cache_hits"] >= 1  # a prefix came from the cache
+
+
+@pytest.mark.parametrize("sampling", [Sampling(0.7, 5, 0.8), Sampling(1.3), Sampling(0.9, top_p=0.6),
+                                      Sampling(1e-30, 3)], ids=["k+p", "plain", "top-p", "tiny-temperature"])
+def test_the_onnx_backend_draws_from_the_reference_distribution(sampling: Sampling) -> None:
+    """Empirical frequencies of 20,000 draws against ``inference.sampling.distribution`` (a tie at the k-th logit
+    included: top-k keeps the lower id)."""
+    import numpy as np
+
+    from attnfree.inference.sampling import distribution
+    from attnfree.inference.serve.onnx_backend import draw_row
+
+    logits = np.array([2.0, 1.5, 1.5, 0.3, -1.0, 0.9, 1.5, -3.0, 0.0, 0.2], dtype=np.float32)
+    expected = distribution(torch.tensor(logits)[None], sampling)[0].numpy()
+    rng = np.random.default_rng(0)
+    counts = np.bincount([draw_row(logits, sampling, rng) for _ in range(20_000)], minlength=len(logits))
+    assert np.abs(counts / 20_000 - expected).max() < 0.015, (counts / 20_000, expected)
+    assert (counts[expected == 0] == 0).all()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -96,21 +96,48 @@ class OnnxBackend(Backend):
         return np.random.default_rng(seed % 2**64)  # any integer
 
     def sample(self, logits: np.ndarray, samplings: Sequence[Sampling], generators: Sequence[Any]) -> list[int]:
-        """Greedy rows by one argmax over the batch; the others each with its own generator (``runtime.pick_next``,
-        the numpy twin of ``inference.sampling.distribution``'s rule)."""
+        """Greedy rows by one argmax over the batch; the others each with its own generator (``draw_row``)."""
         if not len(samplings) == len(generators) == logits.shape[0]:
             raise ValueError(f"need one sampling and one generator per row: {logits.shape[0]} rows, "
                              f"{len(samplings)} samplings, {len(generators)} generators")
         tokens = [int(t) for t in logits.argmax(-1)]
         for b, (sampling, rng) in enumerate(zip(samplings, generators, strict=True)):
             if not sampling.greedy:
-                tokens[b] = int(runtime.pick_next(logits[b:b + 1], cast(runtime.Sampling, sampling), rng)[0])
+                tokens[b] = draw_row(logits[b], sampling, rng)
         return tokens
 
     def info(self) -> dict[str, Any]:
         manifest = self.lm.manifest
         return {"backend": self.kind, "model_type": manifest["model_type"], "parameters": manifest.get("parameters"),
                 "dtype": "int8" if self.quantized else "float32"}
+
+
+def draw_row(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """One token from logits [V], by ``inference.sampling.distribution``'s rule, at top-k's O(V) cost (as the torch
+    sampler's ``candidate_probs``; ``runtime.pick_next`` is the plain numpy form):
+
+    1. top-k: the k largest logits (a partition, then a stable sort of those k), else all V
+    2. subtract the largest, divide by the temperature (a tiny one gives -inf, not NaN)
+    3. top-p: on the sorted candidates, drop those after the smallest prefix whose mass reaches top_p
+    4. invert the CDF of what is left with one uniform draw from ``rng``
+    """
+    x, ids = logits.astype(np.float64), None
+    if sampling.top_k and sampling.top_k < x.shape[-1]:
+        ids = np.argpartition(-x, sampling.top_k - 1)[:sampling.top_k]
+        ids = ids[np.lexsort((ids, -x[ids]))]  # largest first, ties by id
+        x = x[ids]
+    with np.errstate(over="ignore"):
+        x = (x - x.max()) / sampling.temperature
+    if sampling.top_p < 1.0:
+        if ids is None:
+            ids = np.argsort(-x, kind="stable")
+            x = x[ids]
+        p = np.exp(x - x.max())
+        p /= p.sum()
+        x = np.where(np.cumsum(p) - p > sampling.top_p, -np.inf, x)
+    cdf = np.cumsum(np.exp(x - x.max()))
+    index = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)
+    return int(index if ids is None else ids[index])
 
 
 def is_export(folder: str | Path) -> bool:
