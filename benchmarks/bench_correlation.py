@@ -64,17 +64,17 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def _correlation(segment: int) -> Op:
     """correlation_parallel with the default lag set make_lags(32, 1024) and segment length J."""
-    lags = make_lags(32, 1024)
-    return lambda q, k, v: correlation_parallel(q, k, v, LagSet(lags, segment))[0]
+    spec = LagSet(tuple(make_lags(32, 1024).tolist()), segment)
+    return lambda q, k, v: correlation_parallel(q, k, v, spec)[0]
 
 
 def _correlation_triton(segment: int) -> Op:
     """The Triton kernels through the dispatcher, forced (an error, not a silent fallback, if they cannot run)."""
-    lags = make_lags(32, 1024)
+    spec = LagSet(tuple(make_lags(32, 1024).tolist()), segment)
 
     def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         with use_kernel_backend("triton"):
-            return correlation(q, k, v, LagSet(lags, segment))[0]
+            return correlation(q, k, v, spec)[0]
 
     return op
 

@@ -124,10 +124,10 @@ def op_times(shape: tuple[int, int, int, int], device: torch.device, repeats: in
     def randn(*size: int) -> Tensor:
         return torch.randn(size, device=device, dtype=dtype, requires_grad=True)
 
-    lags = make_lags(32, shape[1]).to(device)
+    spec = LagSet(tuple(make_lags(32, shape[1]).tolist()), 4)
     ops: dict[str, tuple[Callable[..., Tensor], list[Tensor]]] = {
         "additive": (lambda x, s: additive_pool(x, s)[0], [randn(*shape), randn(*shape[:3])]),
-        "correlation": (lambda q, k, v: correlation(q, k, v, LagSet(lags, 4))[0], [randn(*shape) for _ in range(3)]),
+        "correlation": (lambda q, k, v: correlation(q, k, v, spec)[0], [randn(*shape) for _ in range(3)]),
         "sdpa_flash": (_causal_sdpa, [randn(*shape) for _ in range(3)])}
     flash = nullcontext()
     if device.type == "cuda":

@@ -7,6 +7,12 @@ Floors: ``torch.cumsum`` along T (the memory-bound least a causal running sum co
 ``F.scaled_dot_product_attention`` (softmax attention, O(T^2)). Shapes: [4, 1024, 4, 64], then a T sweep
 256 .. 8192 with B = clamp(4096 / T, 1, 4). The four ops run round-robin, medians reported.
 
+A third table (under "windowed_rows") times windowed additive pooling (``ops.windowed``) against the global pooling
+side by side, forward + backward at [1, 4096, 4, 64], for windows k = 4 .. 1024: training tokens/s and the
+ratio windowed / global (issue 20's target: within 1.2x for every k). "windowed_stability" gives, for scores of
+std 3, 30 and 1e4 in float32, how far LEAP's difference of prefix sums (without a max, and with one max) and our
+form land from the float64 reference (docs/fastformer.md, "Windowed pooling").
+
 On a machine with CUDA (skipped otherwise) a second table times the additive op's Triton kernels against its
 PyTorch form and SDPA's flash attention (bfloat16, [B, T, 8, 64], T = 1024 .. 16384, B = 16384 / T), written
 under "cuda_rows" in the same JSON.
@@ -24,6 +30,7 @@ from torch import Tensor
 
 from attnfree.ops.additive import additive_pool_parallel
 from attnfree.ops.correlation import LagSet, correlation_parallel, make_lags
+from attnfree.ops.windowed import WindowOptions, windowed_pool_naive, windowed_pool_parallel
 from benchmarks.common import Row, plot_lines, print_table, round_robin, write_json
 
 Shape = tuple[int, int, int, int]  # [B, T, H, D]
@@ -47,8 +54,8 @@ def _additive(shape: Shape) -> Op:  # x [B, T, H, D], scores [B, T, H]
 
 
 def _correlation(shape: Shape) -> Op:  # q, k, v [B, T, H, D], the default lag set make_lags(32, T), J = 4
-    lags = make_lags(32, shape[1])
-    return [torch.randn(shape) for _ in range(3)], lambda q, k, v: correlation_parallel(q, k, v, LagSet(lags, 4))[0]
+    spec = LagSet(tuple(make_lags(32, shape[1]).tolist()), 4)
+    return [torch.randn(shape) for _ in range(3)], lambda q, k, v: correlation_parallel(q, k, v, spec)[0]
 
 
 def _cumsum(shape: Shape) -> Op:
@@ -143,6 +150,55 @@ def measure(shape: Shape, mode: str, repeats: int) -> Row:
     return {"shape": list(shape), "B": shape[0], "T": shape[1], "mode": mode, **ms, **ratios}
 
 
+WINDOW_SHAPE: Shape = (1, 4096, 4, 64)
+WINDOWS = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
+QUICK_WINDOWS: tuple[Shape, tuple[int, ...]] = ((1, 128, 2, 16), (4, 64))
+
+
+def _windowed(shape: Shape, k: int) -> Op:  # x [B, T, H, D], scores [B, T, H]: the last k positions pooled
+    return [torch.randn(shape), torch.randn(shape[:3])], \
+        lambda x, s: windowed_pool_parallel(x, s, None, None, WindowOptions(k))[0]
+
+
+def windowed_table(shape: Shape, windows: tuple[int, ...], repeats: int) -> list[Row]:
+    """Training (fwd+bwd) tokens/s of windowed pooling per k beside the global pooling, all in one round robin."""
+    fns = {"global": forward_backward(*_additive(shape))}
+    fns.update({f"k{k}": forward_backward(*_windowed(shape, k)) for k in windows})
+    seconds = round_robin(fns, repeats)
+    tokens = shape[0] * shape[1]
+    rows = [{"shape": list(shape), "window": name, "ms": s * 1e3, "tokens_per_s": tokens / s,
+             "vs_global": s / seconds["global"]} for name, s in seconds.items()]
+    print_table(rows, ["shape", "window", "ms", "tokens_per_s", "vs_global"])
+    return rows
+
+
+def _prefix_difference(x: Tensor, e: Tensor, k: int) -> Tensor:
+    """LEAP's windowed pooling: (s_i - s_{i-k}) / (z_i - z_{i-k}) of the prefix sums of e x and e, e [B, T, H]."""
+    s, z = torch.cumsum(e.unsqueeze(-1) * x, 1), torch.cumsum(e.unsqueeze(-1), 1)
+    before = (0, 0, 0, 0, k, 0)  # the sums k positions earlier (0 before the start)
+    T = x.shape[1]
+    return (s - F.pad(s, before)[:, :T]) / (z - F.pad(z, before)[:, :T])
+
+
+def stability_table(shape: Shape, k: int) -> list[Row]:
+    """Share of non-finite outputs and max error (over the finite ones) against the float64 reference, float32."""
+    rows = []
+    for std in (3.0, 30.0, 1e4):
+        torch.manual_seed(0)
+        x, a = torch.randn(shape), torch.randn(shape[:3]) * std
+        ref, _ = windowed_pool_naive(x.double(), a.double(), None, None, WindowOptions(k))
+        forms = {"exp, no max": _prefix_difference(x, a.exp(), k),
+                 "difference, one max": _prefix_difference(x, (a - a.amax(1, keepdim=True)).exp(), k),
+                 "ours": windowed_pool_parallel(x, a, None, None, WindowOptions(k))[0]}
+        for name, g in forms.items():
+            err = (g.double() - ref).abs()
+            finite = torch.isfinite(err)
+            rows.append({"score_std": std, "form": name, "nonfinite": 1 - finite.double().mean().item(),
+                         "max_err": err[finite].max().item() if finite.any() else float("nan")})
+    print_table(rows, ["score_std", "form", "nonfinite", "max_err"])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two small shapes, 3 repeats (< 60 s)")
@@ -156,8 +212,12 @@ def main() -> None:
     rows = [measure(shape, mode, repeats) for shape in shapes for mode in MODES]
     columns = ["shape", "mode", *(f"{n}_ms" for n in OURS + FLOORS), *(f"{o}/{f}" for o in OURS for f in FLOORS)]
     table = print_table(rows, columns)
+    windowed_rows = windowed_table(*QUICK_WINDOWS, repeats) if args.quick else windowed_table(WINDOW_SHAPE, WINDOWS,
+                                                                                              repeats)
+    stability = stability_table((1, 64, 2, 8) if args.quick else (2, 1024, 4, 64), 8)
     cuda_rows = [] if args.quick else cuda_table(repeats)
     out = write_json(args.out, {"threads": args.threads, "repeats": repeats, "rows": rows, "table": table,
+                                "windowed_rows": windowed_rows, "windowed_stability": stability,
                                 "cuda_rows": cuda_rows})
     sweep = [r for r in rows if r["shape"] != list(SHAPE)]
     long_rows = [{"T": r["T"], "op": f"{name} {r['mode']}", "ms": r[f"{name}_ms"]} for r in sweep

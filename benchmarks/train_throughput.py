@@ -3,9 +3,10 @@ number of tokens per batch (batch = tokens / T), for each model at the same size
 
     python -m benchmarks.train_throughput [--quick] [--out runs/bench/train_throughput.json]
         [--seq-lens 256,1024,4096] [--models fastformer,gpt2] [--threads 2] [--max-seconds-per-point 900] [--compile]
-        [--preset byte] [--breakdown-at 16384]
+        [--preset byte|nanogpt] [--breakdown-at 16384]
 
-``--preset byte`` is the long-context byte-level configuration (vocabulary 256, width 256, 4 heads, 4 layers,
+``--preset nanogpt`` times the nanoGPT recipe's step (width 128, 4 heads, 4 layers, byte vocabulary, batch 12 at
+T = 64). ``--preset byte`` is the long-context byte-level configuration (vocabulary 256, width 256, 4 heads, 4 layers,
 16,384 tokens per batch, T = 1024, 4096, 16384, 65536): where attention's cost shows, since no large output
 layer hides it. ``--breakdown-at T`` adds, per model, where one training step's time goes at T (the token mixer,
 the FFN, the norms outside them, the embeddings, the output layer, the optimizer, the rest: the loss and glue),
@@ -33,6 +34,7 @@ from typing import Any
 
 import torch
 
+from attnfree.models.registry import split_model_list
 from benchmarks.common import (
     QUICK,
     Row,
@@ -52,6 +54,7 @@ MODELS = ("fastformer", "fastformer-conv", "leviathan", "gpt2")
 SEQ_LENS = tuple(256 * 2**i for i in range(7))  # 256 .. 16384
 BYTE = Sizes(hidden_size=256, n_heads=4, num_layers=4, vocab_size=256, tokens=16384)
 BYTE_SEQ_LENS = (1024, 4096, 16384, 65536)
+NANOGPT = Sizes(hidden_size=128, n_heads=4, num_layers=4, vocab_size=259, tokens=12 * 64)  # batch 12 of block 64
 
 # Where a step's time goes: a module's role from its attribute name (the first match on its path, so a norm
 # inside a mixer counts as mixer); norms found outside every role are "norms".
@@ -200,22 +203,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median)")
     parser.add_argument("--max-seconds-per-point", type=float, default=900.0)
     parser.add_argument("--compile", action="store_true", help="also time every model under torch.compile")
-    parser.add_argument("--preset", choices=("seed", "byte"), default="seed",
-                        help="seed: vocabulary 32100 (default); byte: vocabulary 256, T = 1024 .. 65536")
+    parser.add_argument("--preset", choices=("seed", "byte", "nanogpt"), default="seed",
+                        help="seed: vocabulary 32100 (default); byte: vocabulary 256, T = 1024 .. 65536; nanogpt: "
+                        "the nanoGPT recipe's step (width 128, byte vocabulary, batch 12 at T = 64)")
     parser.add_argument("--breakdown-at", type=int, default=0, help="also split a step's time into parts at this T")
     parser.add_argument("--gpt2-max-t", type=int, default=0,
                         help="GPT-2 only up to this T, its attention growing with T^2 (default: every T; 16384 with "
                         "--preset byte)")
     args = parser.parse_args()
-    sizes = QUICK if args.quick else (BYTE if args.preset == "byte" else Sizes(tokens=args.tokens))
+    sizes = QUICK if args.quick else {"byte": BYTE, "nanogpt": NANOGPT}.get(args.preset, Sizes(tokens=args.tokens))
     seq_lens = [64, 128] if args.quick else ints(args.seq_lens)
+    if args.preset == "nanogpt" and args.seq_lens == ",".join(map(str, SEQ_LENS)):
+        seq_lens = [64]
     if args.preset == "byte" and args.seq_lens == ",".join(map(str, SEQ_LENS)):
         seq_lens = list(BYTE_SEQ_LENS)
     steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
     gpt2_max_t = args.gpt2_max_t or (16384 if args.preset == "byte" else 0)
     rows: list[Row] = []
     given_up: set[str] = set()
-    names = available(args.models.split(","))
+    names = available(split_model_list(args.models))  # (a spec may carry several overrides: "m:a=1,b=2,gpt2")
     modes = (False, True) if args.compile else (False,)
     for seq_len in seq_lens:
         for name, compiled in ((n, c) for n in names for c in modes):

@@ -21,6 +21,7 @@ EXPECTED = {
     "ops": ({"shape", "mode", "additive_ms", "correlation_ms", "cumsum_ms", "sdpa_ms", "additive/cumsum",
              "additive/sdpa", "correlation/cumsum", "correlation/sdpa"},
             ("additive_ms", "correlation_ms", "cumsum_ms", "sdpa_ms", "additive/cumsum", "correlation/sdpa")),
+    "local_attention": ({"op", "T", "batch", "ms", "tokens_per_s", "vs_sdpa"}, ("ms", "tokens_per_s", "vs_sdpa")),
     "utilization": ({"model", "T", "batch", "n_matmul", "gflop_per_token", "tokens_per_s", "gflop_per_s", "mfu",
                      "meets_target"}, ("n_matmul", "gflop_per_token", "tokens_per_s", "gflop_per_s", "mfu")),
     "precision": ({"model", "precision", "seed", "bpc", "final_loss", "tokens_per_s", "train_seconds", "steps",
@@ -54,6 +55,10 @@ def test_quick_run_writes_sane_json_and_plot(name, tmp_path):
         assert keys <= row.keys(), f"{name}: missing {keys - row.keys()} in {row}"
         for key in positive:
             assert math.isfinite(row[key]) and row[key] > 0, f"{name}: {key} = {row[key]} in {row}"
+    if name == "ops":  # the windowed pooling's table beside the global one
+        windowed = payload["windowed_rows"]
+        assert [r["window"] for r in windowed][0] == "global" and len(windowed) > 1
+        assert all(r["tokens_per_s"] > 0 and r["vs_global"] > 0 for r in windowed)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is here: make gpu-check runs for real")

@@ -57,6 +57,13 @@ def test_compare_over_seeds_writes_tables_plots_and_samples(small_text, tmp_path
     # an interrupted sweep resumes: the same command reuses every finished run
     assert main(["compare", "--data", small_text, "--output-dir", str(out), *ARGS]) == 0
     assert capsys.readouterr().err.count("reusing") == 4
+    # runs kept as their records alone (docs/results keeps run.json, not weights): reused, the table alike, no sample
+    for weights in out.glob("*/seed-*/*.safetensors"):
+        weights.unlink()
+    assert main(["compare", "--data", small_text, "--output-dir", str(out), *ARGS]) == 0
+    assert capsys.readouterr().err.count("reusing") == 4
+    again = json.loads((out / "results.json").read_text())
+    assert again["samples"] == {} and again["models"]["gpt2"]["runs"] == models["gpt2"]["runs"]
 
 
 def test_labels_and_table_rows():
@@ -68,4 +75,122 @@ def test_labels_and_table_rows():
                     output_dir="x", settings={"seed": 7})
     lines = results_table({"gpt2@7": run}).splitlines()
     assert len(lines) == 3
-    assert lines[2] == "| gpt2 | 7 | 1,234 | 2.5000 | 1.7300 | 1.7300 | 5.640 | 1,000 | 512 | 12.3 | 6 |"
+    assert lines[2] == "| gpt2 | 7 | 1,234 | 2.5000 | 1.7300 | 1.7300 | 5.640 | 1,000 | 512 | 12.3 | 10.0 | 6 |"
+
+
+TINY = ["--tokenizer", "byte", "--hidden-size", "16", "--n-heads", "2", "--num-layers", "1", "--block-size", "16",
+        "--batch-size", "2", "--eval-every", "0", "--no-progress", "--sample-tokens", "4", "--log-every", "2"]
+
+
+def bpc_rows(folder) -> list[list[str]]:
+    """The summary table's model, parameters and per-seed BPC cells."""
+    lines = (folder / "results.md").read_text().splitlines()
+    return [line.split("|")[1:5] for line in lines if line.startswith(("| fastformer |", "| gpt2 |"))]
+
+
+def bpcs(folder) -> dict[tuple[str, str], float]:
+    models = json.loads((folder / "results.json").read_text())["models"]
+    return {(label, seed): run["bpc"] for label, m in models.items() for seed, run in m["runs"].items()}
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_to_the_same_table_and_jobs_change_no_bpc(small_text, tmp_path, capsys):
+    """The real command in its own process, stopped once its first run has finished; the same command again
+    reuses every finished run and ends with the BPC of an uninterrupted sweep made with --jobs 2."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "ATTNFREE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    args = ["compare", "--data", small_text, *TINY, "--models", "fastformer,gpt2", "--seeds", "1,2",
+            "--max-steps", "30", "--threads", "1"]
+    # an uninterrupted sweep, two runs at once
+    os.environ["ATTNFREE_CACHE"] = env["ATTNFREE_CACHE"]
+    assert main([*args, "--output-dir", str(tmp_path / "together"), "--jobs", "2"]) == 0
+    capsys.readouterr()
+    # the same sweep one run at a time, killed once a run has finished
+    out = tmp_path / "stopped"
+    command = [sys.executable, "-m", "attnfree.cli", *args, "--output-dir", str(out)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not list(out.glob("*/seed-*/run.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, 9)  # the sweep and the run it had started
+    proc.wait()
+    finished = {p.parent for p in out.glob("*/seed-*/run.json")}
+    assert 1 <= len(finished) < 4 and not (out / "results.json").exists()
+    assert main([*args, "--output-dir", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("reusing") == len(finished) and err.count("[attnfree] training") == 4 - len(finished)
+    assert bpcs(out) == bpcs(tmp_path / "together")
+    assert bpc_rows(out) == bpc_rows(tmp_path / "together")
+
+
+def test_a_finished_run_is_reused_under_settings_that_only_gained_defaults(tmp_path):
+    """A run recorded before a settings field existed still counts (the field takes its default); another seed,
+    a changed setting or a field that no longer exists does not."""
+    from attnfree.compare import _finished
+    from attnfree.training import TrainSettings
+
+    settings = TrainSettings(output_dir=str(tmp_path), seed=3, max_steps=5)
+    recorded = json.loads(json.dumps(settings.to_dict()))
+    del recorded["compile"]  # as written by a version before the field
+    recorded["progress"] = False  # changes no number
+
+    def record(values):
+        RunResult(model="fastformer", parameters=1, bpc=2.0, nats_per_char=1.0, loss_per_token=1.0, perplexity=2.0,
+                  tokens_per_second=1.0, peak_memory_mb=1.0, wall_seconds=1.0, train_seconds=1.0, steps=5,
+                  tokens_trained=1, stopped_by="max_steps", data_protocol="", eval_protocol="", eval_history=[],
+                  train_history=[], world_size=1, device="cpu", output_dir=str(tmp_path),
+                  settings=values).to_json(tmp_path / "run.json")
+
+    record(recorded)
+    assert _finished(settings) is not None
+    record({**recorded, "output_dir": "/elsewhere/run"})  # the folder moved (or was restored from docs/results)
+    assert _finished(settings) is not None
+    record(recorded)
+    assert _finished(settings.replace(seed=4)) is None and _finished(settings.replace(lr=2e-3)) is None
+    record({**recorded, "retired_field": 1})
+    assert _finished(settings) is None
+    (tmp_path / "run.json").write_text('{"model": "fastf')  # a record cut short
+    assert _finished(settings) is None
+
+
+def test_equal_time_plans_steps_by_a_probe_and_keeps_the_plan(small_text, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ATTNFREE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", small_text, *TINY, "--models", "fastformer,gpt2", "--budget-seconds", "1.5",
+            "--output-dir", str(out), "--threads", "1"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert first.err.count("probing") == 1
+    plan = json.loads((out / "budget-plan.json").read_text())["plans"]
+    for label in ("fastformer", "gpt2"):
+        run = RunResult.from_json(out / label / "seed-0")
+        assert run.budget == plan[label] and run.budget["budget_seconds"] == 1.5
+        assert run.steps == run.settings["max_steps"] == plan[label]["planned_steps"] >= 1
+        assert plan[label]["planned_steps"] == max(1, int(1.5 / plan[label]["seconds_per_step"]))
+        assert run.stopped_by == "max_steps" and run.train_seconds > 0
+    assert "Equal time" in (out / "results.md").read_text() and "| train s |" in first.out
+    # the same command again: the stored plan, so the same steps, and every run reused
+    assert main(args) == 0
+    again = capsys.readouterr().err
+    assert "probing" not in again and again.count("reusing") == 2
+
+
+def test_probe_steps_times_every_model_round_robin():
+    from attnfree.data import ByteTokenizer
+    from attnfree.training import TrainSettings
+    from attnfree.training.budget import probe_steps
+
+    settings = {m: TrainSettings(model=m, hidden_size=16, n_heads=2, num_layers=1, block_size=8, batch_size=2)
+                for m in ("fastformer", "gpt2")}
+    plans = probe_steps(settings, ByteTokenizer(), 10.0, rounds=3, warmup=1, threads=1)
+    for plan in plans.values():
+        assert plan.probe_steps == 3 and plan.seconds_per_step > 0
+        assert plan.planned_steps == max(1, int(10.0 / plan.seconds_per_step))
+    with pytest.raises(ValueError, match="budget_seconds"):
+        probe_steps(settings, ByteTokenizer(), 0.0)

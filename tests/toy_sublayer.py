@@ -32,7 +32,8 @@ class RunningMax(Sublayer):
             return new.unsqueeze(1), new
 
         def parallel(prev: Tensor | None, keep: bool) -> tuple[Tensor, Tensor]:
-            run = torch.cummax(v, dim=1).values  # [B, T, C]
+            # over the last axis: the form the ONNX export translates (cumulative max has no ONNX operator)
+            run = torch.cummax(v.transpose(1, 2), dim=-1).values.transpose(1, 2)  # [B, T, C]
             if prev is not None:
                 run = torch.maximum(run, prev.unsqueeze(1))
             return run, run[:, -1].clone()

@@ -32,6 +32,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None
     from transformers import AutoModelForCausalLM
 
     import attnfree  # noqa: F401  (registers our model classes with the Auto classes)
+    from attnfree.models.registry import load_plugins
+
+    load_plugins()  # families registered outside attnfree (entry points, $ATTNFREE_IMPORT)
 
     folder = Path(path)
     if not (folder / "config.json").is_file():

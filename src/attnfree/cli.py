@@ -199,14 +199,20 @@ def _positive_ints(text: str) -> list[int]:
 
 def cmd_generate(ns: argparse.Namespace) -> int:
     from attnfree.checkpoints import load_checkpoint
-    from attnfree.inference.decoding import TokenStreamer, generate_text
+    from attnfree.inference.decoding import generate_text
 
     model, tokenizer = load_checkpoint(ns.checkpoint)
-    streamer = TokenStreamer(tokenizer) if ns.stream else None
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if ns.stream:
+        write(ns.prompt)
     text = generate_text(model, tokenizer, ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
-                         top_k=ns.top_k, top_p=ns.top_p, greedy=ns.greedy, seed=ns.seed, streamer=streamer)
-    if streamer is None:
-        print(ns.prompt + text)
+                         top_k=ns.top_k, top_p=ns.top_p, greedy=ns.greedy, seed=ns.seed,
+                         on_text=write if ns.stream else None)
+    print("" if ns.stream else ns.prompt + text)
     return 0
 
 
@@ -217,7 +223,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     settings = settings_from_args(ns)
     models = split_model_list(ns.models)
     result = compare(settings, models, output_dir=settings.output_dir, prompt=ns.prompt,
-                     sample_tokens=ns.sample_tokens, seeds=ns.seeds, baseline=ns.baseline or None)
+                     sample_tokens=ns.sample_tokens, seeds=ns.seeds, baseline=ns.baseline or None, jobs=ns.jobs,
+                     budget_seconds=ns.budget_seconds)
     print(result.table)
     print(f"\nwrote {result.output_dir / 'results.md'}")
     return 0
@@ -312,6 +319,12 @@ def _compare_parser(sub: Any) -> None:
                    "(default: gpt2; '' for none)")
     p.add_argument("--prompt", default="ROMEO:", help="prompt of the generated samples (default: 'ROMEO:')")
     p.add_argument("--sample-tokens", type=int, default=200, help="tokens per generated sample (default: 200)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, one CPU thread each unless --threads is given; "
+                   "their output goes to OUTPUT_DIR/logs (default: 1)")
+    p.add_argument("--budget-seconds", type=float, default=None, metavar="S",
+                   help="equal time instead of equal steps: a round-robin probe of every model's step time sets "
+                   "its max_steps to what fits S seconds of training, with the whole learning-rate schedule "
+                   "(default: off; the plan is kept in OUTPUT_DIR/budget-plan.json)")
     add_settings_flags(p)
     p.set_defaults(func=cmd_compare)
 
@@ -408,11 +421,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or of ``command`` alone (which imports only what that command needs)."""
     parser = argparse.ArgumentParser(prog="attnfree", description="Attention-free causal language models: "
                                      "train, evaluate, sample and compare.")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (it registers model families; repeatable); the processes that "
+                        "compare starts import it too (through $ATTNFREE_IMPORT, which names more, comma-separated)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, add in PARSERS.items():
         if command in (None, name):
             add(sub)
     return parser
+
+
+def _import_families(modules: list[str]) -> None:
+    """``--import``: import the modules now and name them in ``$ATTNFREE_IMPORT`` for the processes we start."""
+    if not modules:
+        return
+    from attnfree.models.registry import IMPORT_ENV, import_models
+
+    import_models(modules)
+    named = [m for m in os.environ.get(IMPORT_ENV, "").split(",") if m]
+    os.environ[IMPORT_ENV] = ",".join(dict.fromkeys([*named, *modules]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -425,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bars; training progress uses tqdm directly
     try:
+        _import_families(ns.imports)
         return int(ns.func(ns))
     except (ValueError, FileNotFoundError) as err:
         message = " ".join(str(err).split()) or type(err).__name__

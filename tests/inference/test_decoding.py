@@ -75,3 +75,33 @@ def test_chunked_prefill_equals_one_prefill_on_a_left_padded_batch(name):
     assert torch.allclose(a, b, atol=1e-10)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_prefill(model, ids, mask, chunk_size=0)
+
+
+@pytest.mark.parametrize("family", ["fastformer", "gpt2", "rwkv"])
+def test_generate_text_is_stream_generate_and_agrees_with_hf_generate(family):
+    """One decoding path: ``generate_text`` (the CLI's and compare's samples) decodes ``stream_generate``'s tokens
+    (our cache, or recomputation for the transformers peers); HF ``generate`` stays a compatible surface: greedy,
+    the same tokens."""
+    from attnfree.data import ByteTokenizer
+    from attnfree.inference.decoding import generate_text
+    from attnfree.models.registry import ModelSize, build_model
+
+    tok = ByteTokenizer()
+    torch.manual_seed(0)
+    lm = build_model(family, ModelSize(hidden_size=32, n_heads=2, num_layers=2, n_positions=64), tok).eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    prompt = torch.tensor([tok.encode("ROMEO:")])
+    hf = lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
+                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, prompt.shape[1]:]
+    ours = torch.stack(list(stream_generate(lm, prompt, 10, Sampling(greedy=True), eos_token_id=tok.eos_token_id)),
+                       1)[0]
+    assert ours.tolist() == hf[: len(ours)].tolist()  # (generate pads after EOS; the pad decodes to nothing)
+    assert generate_text(lm, tok, "ROMEO:", max_new_tokens=10, greedy=True) == tok.decode(hf.tolist())
+    # sampled: the seed alone fixes the text, and it is stream_generate's tokens with a generator of that seed
+    sampled = generate_text(lm, tok, "ROMEO:", max_new_tokens=10, temperature=0.8, top_k=50, seed=3)
+    assert sampled == generate_text(lm, tok, "ROMEO:", max_new_tokens=10, temperature=0.8, top_k=50, seed=3)
+    tokens = stream_generate(lm, prompt, 10, Sampling(0.8, 50), eos_token_id=tok.eos_token_id,
+                             generator=torch.Generator().manual_seed(3))
+    assert sampled == tok.decode([int(t) for t in tokens])

@@ -49,7 +49,7 @@ TINY = ModelSize(hidden_size=32, n_heads=2, num_layers=2, n_positions=96)
 # lags 0..3, 4, 8, 16, 32, 64: dense and dilated both; fastformer-conv with learned positions (the position limit
 # in the manifest and the runtime), fastformer without (its default)
 OVERRIDES = {"leviathan": {"dense_lags": 4}, "fastformer-conv": {"position_embedding_type": "learned"}}
-MODELS = ["fastformer", "fastformer-conv", "leviathan"]
+MODELS = ["fastformer", "fastformer-conv", "fastformer-local", "leviathan"]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 from toy_sublayer import RunningMax
 
-from attnfree.layers.additive_attention import FastformerAttention
+from attnfree.layers.additive_attention import FastformerAttention, LeapAttention
 from attnfree.layers.conv import CausalConvolution
 from attnfree.layers.correlation import MultiHeadedCorrelation
 from attnfree.layers.ffn import ChannelMix, FeedForward
+from attnfree.layers.local_attention import LocalAttention
 from attnfree.layers.moe import SparseMoE
 from attnfree.layers.sublayer import BlockContext, Sublayer, stateful, use_path
 from attnfree.models.cache import tree_leaves, tree_map
@@ -31,6 +32,12 @@ SUBLAYERS: dict[str, Callable[[], Sublayer]] = {
     "attention-fixed-decay": lambda: FastformerAttention(C, H, 0.0, 1e-5, 4, decay="fixed"),
     "attention-seed": lambda: FastformerAttention(C, H, 0.0, 1e-5, 4, decay="none", residual="normed"),
     "attention-bonus-shift": lambda: FastformerAttention(C, H, 0.0, 1e-5, 4, bonus=True, token_shift=True),
+    "attention-window3": lambda: FastformerAttention(C, H, 0.0, 1e-5, 4, window=3),
+    "attention-window1-shift": lambda: FastformerAttention(C, H, 0.0, 1e-5, 4, decay="none", window=1,
+                                                           token_shift=True),
+    "leap-window3": lambda: LeapAttention(C, H, 0.0, 1e-5, 4, window=3),
+    "leap-global-normed": lambda: LeapAttention(C, H, 0.0, 1e-5, 4, focus="normed_dot", decay="fixed"),
+    "leap-window5-plain": lambda: LeapAttention(C, H, 0.0, 1e-5, 4, window=5, focus="vector", alignment=False),
     "conv": lambda: CausalConvolution(C, 3, 1, 0.0, 1e-5),
     "conv-depthwise": lambda: CausalConvolution(C, 4, C, 0.0, 1e-5),
     "ffn-gelu": lambda: FeedForward(C, 2, "gelu", 0.0, 1e-5),
@@ -38,6 +45,8 @@ SUBLAYERS: dict[str, Callable[[], Sublayer]] = {
     "channel-mix": lambda: ChannelMix(C, 2, 0.0, 1e-5),
     "moe": lambda: SparseMoE(C, 2, "gelu", 3, 2, 1.25, 1.0, 0.0, 1e-5),
     "correlation": lambda: MultiHeadedCorrelation(C, H, LagSet((0, 1, 2, 4, 8), 2), 0.0, 1e-5),
+    "local-attention": lambda: LocalAttention(C, H, 3, 0.0, 1e-5),
+    "local-attention-wide-no-rotary": lambda: LocalAttention(C, H, 20, 0.0, 1e-5, rotary=False),
     "toy-running-max": lambda: RunningMax(C),  # the toy sublayer of tests/toy_sublayer.py
 }
 
@@ -70,6 +79,7 @@ def test_every_sublayer_is_in_the_table() -> None:
     import attnfree.layers.conv
     import attnfree.layers.correlation
     import attnfree.layers.ffn  # noqa: E401, F401
+    import attnfree.layers.local_attention  # noqa: F401
 
     def subclasses(cls: type) -> set[type]:
         return {s for c in cls.__subclasses__() for s in {c, *subclasses(c)}}

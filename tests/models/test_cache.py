@@ -23,7 +23,7 @@ def tiny(name: str, n_positions: int = 64) -> torch.nn.Module:
 
 
 
-@pytest.mark.parametrize("name", ["fastformer-conv", "leviathan"])
+@pytest.mark.parametrize("name", ["fastformer-conv", "fastformer-local", "leviathan"])
 def test_cache_concat_and_select_match_separate_decoding(name: str) -> None:
     model = tiny(name, n_positions=64)
     prompts = [torch.randint(0, 256, (1, n)) for n in (3, 11, 6)]  # different lengths: different `seen`
@@ -53,7 +53,7 @@ def test_cache_concat_rejects_mismatched_caches() -> None:
 
 
 
-@pytest.mark.parametrize("name", ["fastformer-conv", "leviathan"])
+@pytest.mark.parametrize("name", ["fastformer-conv", "fastformer-local", "leviathan"])
 def test_flatten_names_every_tensor_and_with_tensors_rebuilds_the_cache(name: str) -> None:
     model = tiny(name)
     with torch.inference_mode():

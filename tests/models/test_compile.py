@@ -19,6 +19,7 @@ MODELS = {
     "fastformer": lambda: FastformerForCausalLM(FastformerConfig(**COMMON, n_positions=64)),
     "fastformer-conv": lambda: FastformerForCausalLM(FastformerConfig(**COMMON, n_positions=64, convolve=True,
                                                                       groups=3)),
+    "fastformer-local": lambda: FastformerForCausalLM(FastformerConfig(**COMMON, n_positions=64, local_window=5)),
     "fastformer-decay": lambda: FastformerForCausalLM(FastformerConfig(**COMMON, n_positions=64, decay="learned")),
     "leviathan": lambda: LeviathanForCausalLM(LeviathanConfig(**COMMON, n_positions=32, dense_lags=4, segment=2)),
 }

@@ -36,7 +36,8 @@ CASES = [pytest.param(cls, name, id=f"{cls.__name__}.{name}") for cls in MODELS 
 
 
 def test_the_mode_fields_are_found() -> None:
-    assert set(mode_fields(FastformerConfig)) == {"position_embedding_type", "preset", "decay", "ffn_type"}
+    assert set(mode_fields(FastformerConfig)) == {"position_embedding_type", "preset", "decay", "ffn_type",
+                                                 "focus", "pool_windows"}
     assert set(mode_fields(LeviathanConfig)) == {"position_embedding_type", "block_flavour"}
 
 

@@ -98,6 +98,9 @@ CASES = {name: (name, OVERRIDES.get(name)) for name, entry in MODELS.items()
          if isinstance(entry.build, type) and issubclass(entry.build, RecurrentForCausalLM)}
 CASES["fastformer+options"] = ("fastformer", {"bonus": True, "token_shift": True, "ffn_type": "channel_mix",
                                               "decay": "fixed", "preset": "seed"})
+CASES["fastformer+windows"] = ("fastformer", {"pool_windows": "3/0", "token_shift": True})  # a ring, then sums
+CASES["leap+normed"] = ("leap", {"focus": "normed_dot", "alignment": False, "pool_windows": 2})
+CASES["fastformer-local+short-window"] = ("fastformer-local", {"local_window": 3})  # the window rolls over
 CASES["toy+running_max"] = ("toy", {"running_max": True})  # a new sublayer: one file, one config field
 CASES["leviathan+options"] = ("leviathan", {**OVERRIDES["leviathan"],
                                             "block_flavour": "channel_mix4"})

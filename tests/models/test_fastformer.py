@@ -201,6 +201,9 @@ def test_bad_input_ids(bad, match):
     ("hidden_dropout_prob", 1.0), ("hidden_dropout_prob", -0.1), ("label_smoothing", 1.5),
     ("position_embedding_type", "rotary"), ("preset", "none"), ("decay", "alibi"), ("pad_token_id", 40),
     ("initializer_range", 0.0), ("vocab_size", 0), ("ffn_multiplier", 0), ("pool_chunk_size", 0),
+    ("pool_windows", "lea"), ("pool_windows", [0]), ("pool_windows", -1), ("pool_windows", "4/x"),
+    ("focus", "dots"), ("focus", "dot"), ("alignment", True),
+    ("local_window", -1),
 ])
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -214,7 +217,8 @@ NON_DEFAULT = {  # every field, a non-default value
     "ffn_multiplier": 2,
     "layer_norm_eps": 1e-2, "pool_chunk_size": 4, "pad_token_id": 3, "bos_token_id": 4, "eos_token_id": 5,
     "use_cache": False, "tie_word_embeddings": False, "bonus": True,
-    "token_shift": True, "ffn_type": "channel_mix", "sequence_chunk": 4,
+    "token_shift": True, "ffn_type": "channel_mix", "sequence_chunk": 4, "pool_windows": 3, "focus": "dot",
+    "alignment": True, "local_window": 3, "local_rotary": False,
 }
 
 
@@ -255,8 +259,9 @@ def test_every_config_field_is_declared_here():
 
 @pytest.mark.parametrize("field", sorted(NON_DEFAULT))
 def test_every_config_field_has_an_effect(field):
-    extra = {"groups": {"convolve": True}, "kernel_size": {"convolve": True},
-             "n_positions": {"position_embedding_type": "learned"}}.get(field, {})  # (no positions: no limit)
+    extra = {"groups": {"convolve": True}, "kernel_size": {"convolve": True}, "local_rotary": {"local_window": 4},
+             "n_positions": {"position_embedding_type": "learned"},  # (no positions: no limit)
+             "focus": {"preset": "leap"}, "alignment": {"preset": "leap"}}.get(field, {})
     assert signature(**extra) != signature(**extra, **{field: NON_DEFAULT[field]})
 
 
@@ -268,3 +273,26 @@ def test_generate_prefill_computes_only_the_last_logits():
     model.compute_logits = lambda h: (shapes.append(tuple(h.shape)), head(h))[1]  # what the output layer is given
     model.generate(torch.randint(3, 40, (2, 11)), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert shapes[0] == (2, 1, model.config.hidden_size), shapes
+
+
+@pytest.mark.parametrize("layers, n_positions, windows", [
+    (1, 64, (None,)), (6, 64, (None, 4, 8, 16, None, 4)), (10, 2048, (None, 4, 8, 16, None, 4, 8, 16, None, 4)),
+    (5, 8, (None, 4, None, None, None)),  # windows as long as the training length are global
+], ids=["one-layer", "six", "ten", "short-training"])
+def test_the_leap_schedule_is_global_first_then_4_8_16_global(layers, n_positions, windows):
+    config = FastformerConfig(**{**TINY, "num_hidden_layers": layers, "n_positions": n_positions,
+                                 "pool_windows": "leap"})
+    assert config.layer_windows == windows
+
+
+@pytest.mark.parametrize("value", [[0, 3], "0/3", 3])
+def test_pool_windows_reach_the_layers(value):
+    model = FastformerForCausalLM(FastformerConfig(**{**TINY, "num_hidden_layers": 2, "pool_windows": value}))
+    got = [layer.attention.window for layer in model.model.layers]
+    assert got == ([3, 3] if value == 3 else [None, 3])
+
+
+def test_the_leap_preset_takes_no_fastformer_only_options():
+    for option in ("bonus", "token_shift"):
+        with pytest.raises(ValueError, match=option):
+            FastformerConfig(**{**TINY, "preset": "leap", option: True})

@@ -7,6 +7,7 @@ import torch
 
 from attnfree import FastformerConfig, FastformerForCausalLM
 from attnfree.data import ByteTokenizer
+from attnfree.models.decode_state import decode_state_bytes
 from attnfree.models.registry import (
     MODELS,
     ModelSize,
@@ -26,6 +27,21 @@ def test_conv_variant_has_one_layer_fewer_and_matched_parameters():
     assert plain.config.num_hidden_layers == 4 and conv.config.num_hidden_layers == 3 and conv.config.convolve
     counts = [count_parameters(m) for m in (plain, conv, gpt2)]
     assert max(counts) / min(counts) < 1.1, counts
+
+
+def test_local_variant_replaces_the_convolution_at_matched_parameters_and_sizes_its_window():
+    nano = ModelSize(hidden_size=128, n_heads=4, num_layers=4, n_positions=64)
+    local, conv, gpt2 = (build_model(name, nano, ByteTokenizer()) for name in ("fastformer-local", "fastformer-conv",
+                                                                               "gpt2"))
+    assert local.config.num_hidden_layers == 3 and not local.config.convolve and local.config.local_window == 16
+    assert list(local.model.layers[0].order) == ["local", "attention", "ffn"]
+    assert count_parameters(local) == count_parameters(conv)  # 4 C^2 a layer each: the K = 4 taps or W_qkv, W_o
+    assert abs(count_parameters(local) / count_parameters(gpt2) - 1) <= 0.05
+    assert build_model("fastformer-local", ModelSize(32, 2, 2, 512), ByteTokenizer()).config.local_window == 128
+    assert build_model("fastformer-local", ModelSize(32, 2, 2, 2), ByteTokenizer()).config.local_window == 1
+    assert build_model("fastformer-local:local_window=8", nano, ByteTokenizer()).config.local_window == 8
+    states = [decode_state_bytes(local, T) for T in (5, 16, 100)]  # w keys and values from the start: constant
+    assert states[0] == states[1] == states[2], states
 
 
 def test_spec_overrides_reach_the_config():

@@ -1,4 +1,5 @@
-"""Picking the next token: the one torch sampler of the library (the lean decoding loop and the server use it).
+"""Picking the next token: the one torch sampler of the library (the lean decoding loop, hence ``attnfree generate``
+and compare's samples, and the server use it).
 
 ``sample_rows`` samples a batch of rows at once, each row with its own settings (``Sampling``: greedy, or
 temperature / top-k / top-p) and its own random generator. Rows that share settings are filtered together, top-k

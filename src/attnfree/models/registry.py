@@ -10,12 +10,23 @@ always the same three steps:
 3. ``build(config)``: the model, freshly initialised (seed torch first).
 
 A spec string names a model and, optionally, its overrides: ``fastformer:residual=normed,kernel_size=8``.
+
+Families registered outside attnfree reach every command (and every process ``attnfree compare`` starts) in two
+ways, both loaded once per process, lazily, the first time a name is not found or a checkpoint is loaded
+(``load_plugins``): an ``attnfree.models`` entry point of an installed package (a module that registers on import,
+or a function to call), and the modules named in ``$ATTNFREE_IMPORT`` (comma-separated; ``attnfree --import``
+sets it). ``register_model`` remembers the module that called it, so ``compare`` passes it on to its runs.
 """
 
 from __future__ import annotations
 
 import ast
-from collections.abc import Callable, Mapping
+import importlib
+import importlib.metadata
+import os
+import sys
+import types
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -92,6 +103,18 @@ def one_layer_fewer(size: ModelSize, ids: SpecialIds) -> dict[str, Any]:
     return {**recurrent_sizes(size, ids), "num_hidden_layers": max(1, size.num_layers - 1)}
 
 
+def local_window(n_positions: int) -> int:
+    """fastformer-local's default window for a model trained on ``n_positions`` tokens: a quarter of it (16 at 64),
+    at least 1; shorter than the context, so the global pooling and the window divide the work."""
+    return max(1, n_positions // 4)
+
+
+def local_attention_sizes(size: ModelSize, ids: SpecialIds) -> dict[str, Any]:
+    """``one_layer_fewer`` (the window's q, k, v and output projections cost what fastformer-conv's K = 4
+    convolution costs, 4 C^2 a layer) with the window sized to the training length (``local_window``)."""
+    return {**one_layer_fewer(size, ids), "local_window": local_window(size.n_positions)}
+
+
 def baseline_gpt2_sizes(size: ModelSize, ids: SpecialIds) -> dict[str, Any]:
     return gpt2_sizes(size.hidden_size, size.n_heads, size.num_layers, size.n_positions, size.dropout,
                       ids.vocab_size, ids.pad_token_id, ids.bos_token_id, ids.eos_token_id)
@@ -105,9 +128,13 @@ class ModelEntry:
     build: Callable[[Any], PreTrainedModel]
     sizes: Sizes = recurrent_sizes
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    module: str = ""  # the module that registered it (``__main__`` for a script)
 
 
 MODELS: dict[str, ModelEntry] = {}
+ENTRY_POINT_GROUP = "attnfree.models"  # installed packages' families: a module or a function per entry point
+IMPORT_ENV = "ATTNFREE_IMPORT"  # comma-separated modules that register families, imported by load_plugins
+_plugins_loaded = False
 
 
 def register_model(name: str, config_class: type[PreTrainedConfig], build: Callable[[Any], PreTrainedModel],
@@ -121,7 +148,8 @@ def register_model(name: str, config_class: type[PreTrainedConfig], build: Calla
     """
     if not name or any(c in name for c in ":,= "):
         raise ValueError(f"model name {name!r} must be non-empty and free of ':', ',', '=' and spaces")
-    MODELS[name] = ModelEntry(config_class, build, sizes, dict(defaults or {}))
+    caller = sys._getframe(1).f_globals.get("__name__", "")  # who registers: compare passes it on to its runs
+    MODELS[name] = ModelEntry(config_class, build, sizes, dict(defaults or {}), caller)
     if auto and isinstance(build, type) and issubclass(build, PreTrainedModel):
         model_type = getattr(config_class, "model_type", "")
         if model_type:
@@ -130,6 +158,45 @@ def register_model(name: str, config_class: type[PreTrainedConfig], build: Calla
             backbone = getattr(build, "backbone_class", None)
             if isinstance(backbone, type) and issubclass(backbone, PreTrainedModel):
                 AutoModel.register(config_class, backbone, exist_ok=True)
+
+
+def import_models(modules: Iterable[str]) -> None:
+    """Import each named module (they register families on import); a module that is not found is a ValueError."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            raise ValueError(f"cannot import model module {module!r}: {err}") from None
+
+
+def load_plugins() -> None:
+    """Once per process: import the modules named in ``$ATTNFREE_IMPORT``, then load every ``attnfree.models``
+    entry point (a loaded function is called: it registers)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    import_models(m.strip() for m in os.environ.get(IMPORT_ENV, "").split(",") if m.strip())
+    for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        loaded = point.load()
+        if callable(loaded) and not isinstance(loaded, types.ModuleType):
+            loaded()
+
+
+def plugin_modules(specs: Iterable[str]) -> list[str]:
+    """The modules outside attnfree that registered the models of ``specs``: what another process must import to
+    find them. A model registered in a script (``__main__``) is a ValueError: no other process can import it."""
+    modules = []
+    for spec in specs:
+        name, _ = parse_model_spec(spec)
+        module = MODELS[name].module
+        if module == "__main__":
+            raise ValueError(f"model {name!r} is registered in a script (__main__), which a run's process cannot "
+                             "import: register it in a module and name that module with 'attnfree --import MODULE' "
+                             f"(or ${IMPORT_ENV}, or an '{ENTRY_POINT_GROUP}' entry point)")
+        if module and module != "attnfree" and not module.startswith("attnfree."):
+            modules.append(module)
+    return list(dict.fromkeys(modules))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,9 +232,11 @@ def parse_assignments(items: list[str] | tuple[str, ...] | str, what: str = "ove
 def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"fastformer:residual=normed,kernel_size=8"`` -> ``("fastformer", {"residual": "normed", ...})``.
 
-    The name must be registered (ValueError listing the valid names otherwise).
+    The name must be registered, here or by a plugin (ValueError listing the valid names otherwise).
     """
     name, _, rest = spec.strip().partition(":")
+    if name not in MODELS:
+        load_plugins()
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
     return name, parse_assignments(rest, what=f"model override in {spec!r}")
@@ -238,9 +307,14 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int
 
 register_model("fastformer", FastformerConfig, FastformerForCausalLM)
 register_model("fastformer-conv", FastformerConfig, FastformerForCausalLM, one_layer_fewer, {"convolve": True})
+# the local context by sliding-window attention in place of the convolution (the design's own next step)
+register_model("fastformer-local", FastformerConfig, FastformerForCausalLM, local_attention_sizes)
 # the earlier fastformerLM package's design, whole: its residual and logit scale, no recency, learned positions
 register_model("fastformer-seed", FastformerConfig, FastformerForCausalLM, defaults={
     "preset": "seed", "decay": "none", "position_embedding_type": "learned"})
+# LEAP (mtanghu/LEAP): windowed pooling by its schedule, the focus f . k and the alignment gate (docs/fastformer.md)
+register_model("leap", FastformerConfig, FastformerForCausalLM, defaults={
+    "preset": "leap", "pool_windows": "leap", "focus": "dot", "alignment": True})
 register_model("leviathan", LeviathanConfig, LeviathanForCausalLM)
 register_model("leviathan-ensemble", LeviathanEnsembleConfig, LeviathanEnsembleForCausalLM)
 register_model("leviathan-moe", LeviathanMoEConfig, LeviathanMoEForCausalLM)

@@ -88,10 +88,14 @@ class RunResult:
     output_dir: str
     settings: dict[str, Any]
     provenance: dict[str, Any] = field(default_factory=dict)  # versions and source revision (attnfree.provenance)
+    budget: dict[str, Any] | None = None  # compare --budget-seconds: the budget, the probe and the planned steps
 
     def to_json(self, path: str | Path) -> Path:
+        """Write the record atomically (a process stopped mid-write leaves no half file that reads as finished)."""
         out = Path(path)
-        out.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        partial = out.with_name(f"{out.name}.partial")
+        partial.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        partial.replace(out)
         return out
 
     @classmethod

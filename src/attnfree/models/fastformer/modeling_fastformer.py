@@ -3,6 +3,7 @@
 Layout (Megatron-style pre-LayerNorm residual blocks, each sublayer adding its branch to h):
     embeddings = Dropout(LayerNorm(token (+ learned position)))
     layer:  h += Conv(LN(h))               (if config.convolve)
+            h += LocalAttention(h)         (if config.local_window: softmax over the last w positions)
             h += FastformerAttention(h)    (two additive poolings)
             h += FFN(LN(h))
     logits = LN(h) W_e^T + b               (tied embeddings; times 1/sqrt(C) in the seed preset)
@@ -10,31 +11,49 @@ Layout (Megatron-style pre-LayerNorm residual blocks, each sublayer adding its b
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor
 
-from attnfree.layers.additive_attention import FastformerAttention
+from attnfree.layers.additive_attention import FastformerAttention, LeapAttention
 from attnfree.layers.conv import CausalConvolution
 from attnfree.layers.ffn import make_ffn
+from attnfree.layers.local_attention import LocalAttention
 from attnfree.layers.sublayer import Sublayer
-from attnfree.models.base import RecurrentForCausalLM, RecurrentModel, RecurrentPreTrainedModel, SublayerBlock
+from attnfree.models.base import (
+    RecurrentBlock,
+    RecurrentConfig,
+    RecurrentForCausalLM,
+    RecurrentModel,
+    RecurrentPreTrainedModel,
+    SublayerBlock,
+)
 from attnfree.models.fastformer.configuration_fastformer import FastformerConfig
 
 
-def fastformer_sublayers(c: FastformerConfig) -> list[tuple[str, Sublayer]]:
-    """The sublayers of one layer, in order: (convolution,) attention, feed-forward."""
+def make_attention(c: FastformerConfig, window: int | None) -> Sublayer:
+    """The attention of a layer pooling over ``window``: LEAP's in the leap preset, the Fastformer's otherwise."""
+    if c.preset == "leap":
+        return LeapAttention(c.hidden_size, c.n_heads, c.hidden_dropout_prob, c.layer_norm_eps, c.pool_chunk_size,
+                             window, c.focus, c.alignment, c.decay)
+    return FastformerAttention(c.hidden_size, c.n_heads, c.hidden_dropout_prob, c.layer_norm_eps, c.pool_chunk_size,
+                               c.decay, c.residual, c.bonus, c.token_shift, window)
+
+
+def fastformer_sublayers(c: FastformerConfig, index: int = 0) -> list[tuple[str, Sublayer]]:
+    """The sublayers of layer ``index``, in order: (convolution,) (local attention,) attention, feed-forward."""
     conv = [("conv", CausalConvolution(c.hidden_size, c.kernel_size, c.groups, c.hidden_dropout_prob,
                                        c.layer_norm_eps, c.initializer_range))] if c.convolve else []
-    attention = FastformerAttention(c.hidden_size, c.n_heads, c.hidden_dropout_prob, c.layer_norm_eps,
-                                    c.pool_chunk_size, c.decay, c.residual, c.bonus, c.token_shift)
+    local = [("local", LocalAttention(c.hidden_size, c.n_heads, c.local_window, c.hidden_dropout_prob,
+                                      c.layer_norm_eps, c.local_rotary))] if c.local_window else []
+    attention = make_attention(c, c.layer_windows[index])
     ffn = make_ffn(c.ffn_type, c.hidden_size, c.ffn_multiplier, c.hidden_dropout_prob, c.layer_norm_eps)
-    return [*conv, ("attention", attention), ("ffn", ffn)]
+    return [*conv, *local, ("attention", attention), ("ffn", ffn)]
 
 
 class FastformerLayer(SublayerBlock):
-    def __init__(self, config: FastformerConfig):
-        super().__init__(fastformer_sublayers(config))
+    def __init__(self, config: FastformerConfig, index: int = 0):
+        super().__init__(fastformer_sublayers(config, index))
 
 
 class FastformerPreTrainedModel(RecurrentPreTrainedModel):
@@ -48,6 +67,12 @@ class FastformerModel(FastformerPreTrainedModel, RecurrentModel):
 
     block_class = FastformerLayer
     embedding_norm = True
+
+    def make_block(self, config: RecurrentConfig) -> RecurrentBlock:
+        """Layer i with its own pooling window (the shell makes the blocks in order: i = how many came before)."""
+        index = self.__dict__.get("_blocks_made", 0)
+        self.__dict__["_blocks_made"] = index + 1
+        return FastformerLayer(cast(FastformerConfig, config), index)
 
 
 class FastformerForCausalLM(FastformerPreTrainedModel, RecurrentForCausalLM):  # type: ignore[misc]
