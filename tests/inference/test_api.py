@@ -276,10 +276,14 @@ def test_a_client_that_stops_reading_pauses_only_its_own_stream(served: tuple[An
             return dict(httpx.get(f"{url}/stats").json())
 
         deadline = time.monotonic() + 60
-        while stats()["paused_streams"] != 1:
-            assert time.monotonic() < deadline, stats()
-            time.sleep(0.1)
-        tokens = stats()["tokens"]
+        tokens = -1
+        while True:  # paused, and still paused after the socket buffers took what they could (no new token)
+            now = stats()
+            if now["paused_streams"] == 1 and now["tokens"] == tokens:
+                break
+            assert time.monotonic() < deadline, now
+            tokens = now["tokens"]
+            time.sleep(0.5)
         fast = httpx.post(f"{url}/generate", json={"prompt": "fast", "max_tokens": 50, "ignore_eos": True,
                                                    "stream": False}, timeout=30).json()
         assert len(fast["tokens"]) == 50
