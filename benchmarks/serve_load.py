@@ -4,7 +4,7 @@
         [--out docs/results/serve/load.json] [--streams 1,8,64] [--lengths 64,512] [--model fastformer]
         [--hidden-size 256] [--layers 4] [--tokenizer gpt2] [--checkpoint RUN_DIR] [--threads 1]
         [--header-tokens 512] [--long-prompt-tokens 4096] [--fast-streams 8] [--chunks 512,4096]
-        [--max-seconds-per-point 300] [--in-process]
+        [--max-seconds-per-point 300] [--in-process] [--backends torch,onnx] [--export-dir DIR]
 
 Three scenarios (``--scenarios``, all by default):
 
@@ -31,6 +31,13 @@ top-k 40). The client stamps each token event as it arrives. Reported per point:
   resident memory just before the load; rss_growth_mib: the difference; state_kib: the peak total state
 
 Memory should grow with the number of streams, not with their length: compare the two lengths.
+
+``--backends torch,onnx`` serves the same model both ways, point by point: torch (the model in PyTorch) and onnx
+(the model exported once with ``attnfree export``'s code into ``--export-dir``, served by ``attnfree serve
+EXPORT_DIR`` in a process with ``ATTNFREE_NO_TORCH=1``, as on a device without torch). Each row then says its
+``backend`` and adds ``startup_s`` (process start to the first answered request, a one-token /generate);
+onnx rows add ``bare_step_tokens_per_s``, a bare loop over the exported step at batch 1 in this process (the floor
+the server's one stream is measured against).
 """
 
 from __future__ import annotations
@@ -52,8 +59,9 @@ from typing import Any
 from benchmarks.common import Row, ints, print_table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ["streams", "length", "tokens_per_s_stream", "tokens_per_s_total", "ttft_ms_p50", "ttft_ms_p99",
-           "itl_ms_p50", "itl_ms_p99", "idle_rss_mib", "peak_rss_mib", "rss_growth_mib", "state_kib", "wall_s"]
+COLUMNS = ["backend", "streams", "length", "tokens_per_s_stream", "tokens_per_s_total", "ttft_ms_p50", "ttft_ms_p99",
+           "itl_ms_p50", "itl_ms_p99", "idle_rss_mib", "peak_rss_mib", "rss_growth_mib", "state_kib", "startup_s",
+           "wall_s"]
 HEADER_COLUMNS = ["streams", "prefix_cache", "prompt_tokens", "ttft_ms_p50", "ttft_ms_p99", "tokens_per_s_total",
                   "prefilled_tokens", "cache_hits", "wall_s"]
 LONG_COLUMNS = ["prefill_chunk", "fast_streams", "long_prompt_tokens", "long_ttft_ms", "itl_ms_p50_during",
@@ -66,29 +74,64 @@ SCENARIOS = ("plain", "shared-header", "long-prompt")
 # ----------------------------------------------------------------------------------------------
 
 
-def build_app(args: argparse.Namespace) -> Any:
-    """The app the child serves: a checkpoint, or a freshly initialised registry model (seed 0)."""
+def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(model, tokenizer, name): a checkpoint, or a freshly initialised registry model (seed 0)."""
     import torch
 
     from attnfree.checkpoints import load_checkpoint
     from attnfree.data import load_tokenizer
-    from attnfree.inference.serve.app import create_app
     from attnfree.models.registry import ModelSize, build_model
 
-    torch.set_num_threads(args.threads)
     if args.checkpoint:
         model, tokenizer = load_checkpoint(args.checkpoint)
-        name = Path(args.checkpoint).name
-    else:
-        tokenizer = load_tokenizer(args.tokenizer)
-        torch.manual_seed(0)
-        size = ModelSize(args.hidden_size, args.heads, args.layers, n_positions=args.n_positions)
-        model = build_model(args.model, size, tokenizer, {"position_embedding_type": args.positions}).eval()
-        name = f"{args.model} C={args.hidden_size} layers={args.layers} (random weights)"
+        return model, tokenizer, Path(args.checkpoint).name
+    tokenizer = load_tokenizer(args.tokenizer)
+    torch.manual_seed(0)
+    size = ModelSize(args.hidden_size, args.heads, args.layers, n_positions=args.n_positions)
+    model = build_model(args.model, size, tokenizer, {"position_embedding_type": args.positions}).eval()
+    return model, tokenizer, f"{args.model} C={args.hidden_size} layers={args.layers} (random weights)"
+
+
+def limits(args: argparse.Namespace) -> dict[str, Any]:
+    """The server settings of every point (the same for both backends)."""
     longest = max([*ints(args.lengths), args.header_length, args.long_length])
-    return create_app(model, tokenizer, name, max_streams=max(ints(args.streams)) + args.fast_streams + 2,
-                      max_tokens=longest, prefill_chunk=args.prefill_chunk,
-                      prefix_cache_bytes=int(args.prefix_cache_mib * 2**20))
+    return {"max_streams": max(ints(args.streams)) + args.fast_streams + 2, "max_tokens": longest,
+            "prefill_chunk": args.prefill_chunk, "prefix_cache_mib": args.prefix_cache_mib, "threads": args.threads}
+
+
+def build_app(args: argparse.Namespace) -> Any:
+    """The app the child serves (torch backend)."""
+    from attnfree.inference.serve.app import create_app
+
+    model, tokenizer, name = build_model_and_tokenizer(args)
+    return create_app(model, tokenizer, name, **limits(args))
+
+
+def export_once(args: argparse.Namespace) -> Path:
+    """The model exported into --export-dir (kept: a later run with the same folder reuses it)."""
+    from attnfree.inference.export import export_onnx
+
+    folder = Path(args.export_dir)
+    if not (folder / "manifest.json").is_file():
+        model, tokenizer, _ = build_model_and_tokenizer(args)
+        export_onnx(model, tokenizer, folder)
+    return folder
+
+
+def bare_step_rate(folder: Path, threads: int, steps: int = 200) -> float:
+    """Tokens/s of a bare loop over the exported step at batch 1 (greedy), after a short prompt."""
+    import numpy as np
+
+    from attnfree.inference.runtime import OnnxLM
+
+    lm = OnnxLM.load(folder, threads=threads)
+    logits, state = lm.prefill([[lm.bos_token_id, 5, 6, 7]])
+    for _ in range(10):  # warm-up
+        logits, state = lm.step(logits.argmax(-1), state)
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits, state = lm.step(np.asarray(logits.argmax(-1)), state)
+    return steps / (time.perf_counter() - start)
 
 
 def serve_child(args: argparse.Namespace) -> None:
@@ -104,6 +147,10 @@ def free_port() -> int:
 
 
 def child_argv(args: argparse.Namespace, port: int) -> list[str]:
+    if args.backend == "onnx":  # the deployment itself: attnfree serve EXPORT_DIR
+        flags = [a for k, v in limits(args).items() for a in (f"--{k.replace('_', '-')}", str(v))]
+        return [sys.executable, "-m", "attnfree.cli", "serve", args.export_dir, "--port", str(port),
+                "--log-level", "warning", *flags]
     argv = [sys.executable, "-m", "benchmarks.serve_load", "--child", "--port", str(port), "--threads",
             str(args.threads), "--streams", args.streams, "--model", args.model, "--hidden-size",
             str(args.hidden_size), "--heads", str(args.heads), "--layers", str(args.layers), "--n-positions",
@@ -123,19 +170,23 @@ def reset_peak_rss(pid: int) -> None:
 
 
 @contextmanager
-def server(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
-    """A fresh server for one point, and its process id: a subprocess (default) or a thread of this process
-    (--in-process)."""
+def server(args: argparse.Namespace) -> Iterator[tuple[str, int, float]]:
+    """A fresh server for one point, its process id and its start-up time (to the first answered request): a
+    subprocess (default) or a thread of this process (--in-process)."""
+    import httpx
+
     if args.in_process:
         from attnfree.inference.serve.app import serve_in_thread
 
+        start = time.perf_counter()
         with serve_in_thread(build_app(args)) as url:
-            yield url, os.getpid()
+            yield url, os.getpid(), first_answer(url, start)
         return
-    import httpx
-
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if args.backend == "onnx":
+        env["ATTNFREE_NO_TORCH"] = "1"
+    start = time.perf_counter()
     process = subprocess.Popen(child_argv(args, port), cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -147,8 +198,8 @@ def server(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
             except httpx.HTTPError:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the server did not start (exit code {process.poll()})") from None
-                time.sleep(0.2)
-        yield url, process.pid
+                time.sleep(0.05)
+        yield url, process.pid, first_answer(url, start)
     finally:
         process.terminate()
         try:
@@ -156,6 +207,15 @@ def server(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def first_answer(url: str, start: float) -> float:
+    """Seconds from ``start`` (the server process started) to a one-token /generate answered."""
+    import httpx
+
+    body = {"prompt": "Hi", "max_tokens": 1, "ignore_eos": True, "stream": False}
+    httpx.post(f"{url}/generate", json=body, timeout=60).raise_for_status()
+    return time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,10 +295,11 @@ async def load(url: str, pid: int, streams: int, length: int, prompt: str, timeo
 
 
 def run_point(args: argparse.Namespace, streams: int, length: int) -> Row:
-    with server(args) as (url, pid):
+    with server(args) as (url, pid, startup):
         info = json.loads(__import__("httpx").get(f"{url}/info").text)
         row = asyncio.run(load(url, pid, streams, length, args.prompt, args.max_seconds_per_point))
-    return {**row, "model": info["name"], "parameters": info["parameters"]}
+    return {"backend": args.backend, **row, "startup_s": startup, "model": info["name"],
+            "parameters": info["parameters"]}
 
 
 def header_prompts(tokenizer_name: str, header_tokens: int, n: int) -> list[str]:
@@ -315,7 +376,7 @@ def run_shared_header(args: argparse.Namespace) -> list[Row]:
     for cache_mib in (64.0, 0.0):
         for n in streams:
             point = argparse.Namespace(**{**vars(args), "prefix_cache_mib": cache_mib})
-            with server(point) as (url, _):
+            with server(point) as (url, _, _):
                 row = asyncio.run(shared_header(url, n, args.header_length, prompts, args.max_seconds_per_point))
             rows.append({**row, "prefix_cache": "on" if cache_mib else "off", "prompt_tokens": tokens})
             print(f"shared header, {n} streams, cache {rows[-1]['prefix_cache']}: ttft p50 "
@@ -331,7 +392,7 @@ def run_long_prompt(args: argparse.Namespace) -> list[Row]:
     rows = []
     for chunk in ints(args.chunks):
         point = argparse.Namespace(**{**vars(args), "prefill_chunk": chunk})
-        with server(point) as (url, _):
+        with server(point) as (url, _, _):
             row = asyncio.run(long_prompt_arrives(url, args.fast_streams, args.long_length, long_prompt,
                                                   args.max_seconds_per_point))
         rows.append({"prefill_chunk": chunk, "long_prompt_tokens": len(tokenizer.encode(long_prompt)), **row})
@@ -352,8 +413,10 @@ def plot(path: Path, rows: list[Row]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for length in sorted({r["length"] for r in rows}):
-        sub = sorted((r for r in rows if r["length"] == length), key=lambda r: r["streams"])
+    for backend, n in sorted({(r.get("backend", "torch"), r["length"]) for r in rows}):
+        sub = sorted((r for r in rows if r["length"] == n and r.get("backend", "torch") == backend),
+                     key=lambda r: r["streams"])
+        length = f"{n}, {backend}"
         x = [r["streams"] for r in sub]
         axes[0].plot(x, [r["tokens_per_s_total"] for r in sub], marker="o", label=f"total, {length} tokens")
         axes[0].plot(x, [r["tokens_per_s_stream"] for r in sub], marker="s", ls="--", label=f"per stream, {length}")
@@ -400,7 +463,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunks", default="512,4096", help="long-prompt: prefill chunk sizes to compare")
     p.add_argument("--prefill-chunk", type=int, default=512, help="the server's prefill chunk (plain, shared-header)")
     p.add_argument("--prefix-cache-mib", type=float, default=64.0, help="the server's prefix cache (plain)")
+    p.add_argument("--backends", default="torch", help="torch, onnx, or both side by side: 'torch,onnx' (plain "
+                   "scenario; the others run on torch)")
+    p.add_argument("--export-dir", default="/tmp/attnfree-serve-load-export", help="where the onnx backend's export "
+                   "is written (reused when it holds one)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -423,11 +491,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     payload: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "port")}}
     if "plain" in scenarios:
+        backends = args.backends.split(",")
+        if "onnx" in backends:
+            bare = bare_step_rate(export_once(args), args.threads)
+            payload["bare_step_tokens_per_s"] = bare
+            print(f"bare loop over the exported step, batch 1: {bare:.1f} tokens/s", flush=True)
         for length in ints(args.lengths):
             for streams in ints(args.streams):
-                rows.append(run_point(args, streams, length))
-                print(f"streams={streams} length={length}: {rows[-1]['tokens_per_s_total']:.1f} tokens/s total, "
-                      f"RSS +{rows[-1]['rss_growth_mib']:.1f} MiB over idle", flush=True)
+                for backend in backends:
+                    rows.append(run_point(argparse.Namespace(**{**vars(args), "backend": backend}), streams, length))
+                    print(f"{backend} streams={streams} length={length}: {rows[-1]['tokens_per_s_total']:.1f} "
+                          f"tokens/s total, ttft p50 {rows[-1]['ttft_ms_p50']:.1f} ms, idle RSS "
+                          f"{rows[-1]['idle_rss_mib']:.0f} MiB, start-up {rows[-1]['startup_s']:.1f} s", flush=True)
         payload |= {"rows": rows, "table": print_table(rows, COLUMNS)}
     if "shared-header" in scenarios:
         header = run_shared_header(args)

@@ -11,7 +11,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = ("export", "serve", "triton", "eval", "mamba")  # the runtime extras; "dev" adds the test tools
+EXTRAS = ("export", "serve", "edge", "triton", "eval", "mamba")  # the runtime extras; "dev" adds the test tools
 
 
 def _requirements() -> list[Requirement]:

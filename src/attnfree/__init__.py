@@ -3,11 +3,18 @@
 Importing the package registers every model family (``attnfree.models.registry``) and, through it, with
 AutoConfig / AutoModel / AutoModelForCausalLM.
 On a machine without torch (an edge device with only numpy + onnxruntime) the package still imports, with
-none of the models, so that ``attnfree.inference.runtime`` runs exported graphs there (see ``attnfree export``).
+none of the models, so that ``attnfree.inference.runtime`` and ``attnfree serve EXPORT_DIR`` run exported graphs
+there (see ``attnfree export``); ``ATTNFREE_NO_TORCH=1`` does the same where torch is installed.
 """
 
+import os
+
+NO_TORCH_ENV = "ATTNFREE_NO_TORCH"  # "1": import without torch even where it is installed (an edge server)
+
 try:
-    import torch  # noqa: F401  (everything but attnfree.inference.runtime needs it)
+    if os.environ.get(NO_TORCH_ENV, "") not in ("", "0"):
+        raise ImportError(f"${NO_TORCH_ENV} is set")
+    import torch  # noqa: F401  (everything but the runtime and serving an export needs it)
 
     HAS_TORCH = True
 except ImportError:

@@ -5,7 +5,8 @@ dataclass so the two never drift apart. The same ``train`` command runs on sever
 ``torchrun --nproc_per_node 2 -m attnfree.cli train ...`` or ``accelerate launch --multi_gpu --num_processes 2
 -m attnfree.cli train ...`` (gloo on CPU; accelerate's ``--cpu`` with several processes needs mpirun instead).
 Bad input (ValueError, FileNotFoundError) prints ``attnfree: error: <one line>`` and exits with status 2,
-without a traceback.
+without a traceback. Every ``ServeSettings`` field is a ``serve`` flag the same way. A command builds only its own
+parser and imports what it needs when it runs: ``attnfree serve EXPORT_DIR`` never imports torch.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from attnfree.models.registry import IMPORT_ENV, MODELS, import_models, parse_assignments, split_model_list
-from attnfree.training import RECIPES, TrainSettings
+if TYPE_CHECKING:
+    from attnfree.training import TrainSettings
 
 # ----------------------------------------------------------------------------------------------
 # TrainSettings <-> flags
@@ -64,11 +65,17 @@ def _flag(name: str) -> str:
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ``TrainSettings`` field; defaults are SUPPRESSed so only given flags override."""
-    group = parser.add_argument_group("training settings (override the recipe / --config)")
-    for f in dataclasses.fields(TrainSettings):
-        default = TrainSettings.__dataclass_fields__[f.name]
-        shown = default.default if default.default is not dataclasses.MISSING else "{}" if "dict" in str(
-            f.type) else "[]"
+    from attnfree.training import TrainSettings
+
+    add_dataclass_flags(parser.add_argument_group("training settings (override the recipe / --config)"),
+                        TrainSettings)
+
+
+def add_dataclass_flags(group: Any, settings: type) -> None:
+    """One flag per field of the dataclass ``settings`` (its help from the field's metadata); defaults are
+    SUPPRESSed so only given flags appear in the namespace."""
+    for f in dataclasses.fields(settings):
+        shown = f.default if f.default is not dataclasses.MISSING else "{}" if "dict" in str(f.type) else "[]"
         help_text = f"{f.metadata['help']} (default: {shown})"
         if f.name in _DICT_FLAGS:
             group.add_argument(_DICT_FLAGS[f.name], dest=f.name, action="append", metavar="KEY=VALUE",
@@ -80,6 +87,9 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
     """Recipe (or defaults), then ``--config`` file, then the flags given."""
+    from attnfree.models.registry import parse_assignments
+    from attnfree.training import RECIPES, TrainSettings
+
     if ns.recipe is not None and ns.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {ns.recipe!r}; valid: {', '.join(RECIPES)}")
     base = RECIPES[ns.recipe] if ns.recipe else TrainSettings()
@@ -104,6 +114,8 @@ def _config_file(path: str) -> dict[str, Any]:
     values = values.get("settings", values) if isinstance(values, dict) else values
     if not isinstance(values, dict):
         raise ValueError(f"config file {file} must hold a JSON object")
+    from attnfree.training import TrainSettings
+
     return TrainSettings.from_dict(values).to_dict()
 
 
@@ -206,6 +218,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 def cmd_compare(ns: argparse.Namespace) -> int:
     from attnfree.compare import compare
+    from attnfree.models.registry import split_model_list
 
     settings = settings_from_args(ns)
     models = split_model_list(ns.models)
@@ -237,6 +250,8 @@ def _is_main_process() -> bool:
 
 
 def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    from attnfree.training import RECIPES
+
     parser.add_argument("--recipe", default=None, help=f"start from a named recipe: {', '.join(RECIPES)}")
     parser.add_argument("--config", default=None, metavar="JSON",
                         help="start from settings in a JSON file (a TrainSettings dict or a run.json)")
@@ -288,6 +303,8 @@ def _generate_parser(sub: Any) -> None:
 
 
 def _compare_parser(sub: Any) -> None:
+    from attnfree.models.registry import MODELS
+
     p = sub.add_parser("compare", help="train several models alike and tabulate them",
                        description="Train each model on the same data, tokenizer, seed and budget (each in its own "
                        "process), then write results.md, results.json and BPC plots into --output-dir.")
@@ -314,6 +331,7 @@ def _compare_parser(sub: Any) -> None:
 
 def cmd_recall(ns: argparse.Namespace) -> int:
     from attnfree.evaluation.recall import recall, results_table, settings_for
+    from attnfree.models.registry import split_model_list
 
     overrides = {k: v for k, v in (("seq_len", ns.seq_len), ("n_pairs", ns.n_pairs), ("vocab_size", ns.vocab_size),
                                    ("steps", ns.steps), ("lr", ns.lr), ("layers", ns.layers), ("seed", ns.seed))
@@ -349,36 +367,26 @@ def _recall_parser(sub: Any) -> None:
 
 
 def _serve_parser(sub: Any) -> None:
-    p = sub.add_parser("serve", help="serve a checkpoint over HTTP (streaming, OpenAI-style, a web page)",
+    from attnfree.inference.serve.settings import ServeSettings
+
+    p = sub.add_parser("serve", help="serve a checkpoint or an ONNX export over HTTP (streaming, OpenAI-style, a page)",
                        description="Start an HTTP server: GET / (a page to try the model), POST /generate (server-sent "
                        "events), POST /v1/completions and /v1/chat/completions (OpenAI's API, strict), GET /v1/models, "
                        "/info, /stats, /health. Many streams share one process with continuous batching, each holding "
-                       "only its constant-size state; prompts sharing a prefix reuse its state.")
-    p.add_argument("checkpoint", help="a run folder or one of its checkpoint-N folders")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--max-streams", type=int, default=64, help="streams decoded at once (default: 64)")
-    p.add_argument("--max-queue", type=int, default=0, help="requests that may wait for a stream (default: 0: "
-                   "answer 429 when all streams are busy)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens per request (default: 1024)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--name", default=None, help="model name shown by /info and /v1/models (default: the folder name)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but /health "
-                   "and the page (default: $ATTNFREE_API_KEY; none: open)")
-    p.add_argument("--prefix-cache-mib", type=float, default=64, help="memory for the states of recent prompt "
-                   "prefixes, reused by requests that share them (default: 64; 0: off)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward: a long prompt "
-                   "delays running streams by at most one chunk (default: 512)")
-    p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+                       "only its constant-size state; prompts sharing a prefix reuse its state. An export folder "
+                       "(attnfree export) is served by onnxruntime, without torch.")
+    p.add_argument("target", metavar="FOLDER", help="a run folder, one of its checkpoint-N folders, or an export "
+                   "folder (it holds manifest.json)")
+    add_dataclass_flags(p.add_argument_group("server settings"), ServeSettings)
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    from attnfree.inference.serve.app import serve_checkpoint
+    from attnfree.inference.serve.app import serve
+    from attnfree.inference.serve.settings import ServeSettings
 
-    serve_checkpoint(ns.checkpoint, host=ns.host, port=ns.port, max_streams=ns.max_streams, max_queue=ns.max_queue,
-                     max_tokens=ns.max_tokens, threads=ns.threads, name=ns.name, log_level=ns.log_level,
-                     api_key=ns.api_key, prefix_cache_mib=ns.prefix_cache_mib, prefill_chunk=ns.prefill_chunk)
+    given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(ServeSettings) if hasattr(ns, f.name)}
+    serve(ns.target, ServeSettings(**given))
     return 0
 
 
@@ -404,16 +412,22 @@ def _export_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_export)
 
 
-def build_parser() -> argparse.ArgumentParser:
+PARSERS: dict[str, Callable[[Any], None]] = {
+    "train": _train_parser, "eval": _eval_parser, "generate": _generate_parser, "compare": _compare_parser,
+    "recall": _recall_parser, "serve": _serve_parser, "export": _export_parser}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of ``command`` alone (which imports only what that command needs)."""
     parser = argparse.ArgumentParser(prog="attnfree", description="Attention-free causal language models: "
                                      "train, evaluate, sample and compare.")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (it registers model families; repeatable); the processes that "
-                        f"compare starts import it too (through ${IMPORT_ENV}, which names more, comma-separated)")
+                        "compare starts import it too (through $ATTNFREE_IMPORT, which names more, comma-separated)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _eval_parser, _generate_parser, _compare_parser, _recall_parser, _serve_parser,
-                _export_parser):
-        add(sub)
+    for name, add in PARSERS.items():
+        if command in (None, name):
+            add(sub)
     return parser
 
 
@@ -421,6 +435,8 @@ def _import_families(modules: list[str]) -> None:
     """``--import``: import the modules now and name them in ``$ATTNFREE_IMPORT`` for the processes we start."""
     if not modules:
         return
+    from attnfree.models.registry import IMPORT_ENV, import_models
+
     import_models(modules)
     named = [m for m in os.environ.get(IMPORT_ENV, "").split(",") if m]
     os.environ[IMPORT_ENV] = ",".join(dict.fromkeys([*named, *modules]))
@@ -428,10 +444,13 @@ def _import_families(modules: list[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``attnfree`` console script."""
-    ns = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args[0] if args and args[0] in PARSERS else None
+    ns = build_parser(command).parse_args(args)
+    if ns.command != "serve":  # (serving an export must not import transformers, which imports torch)
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # no "Loading weights" bars; training progress uses tqdm directly
+        hf_logging.disable_progress_bar()  # no "Loading weights" bars; training progress uses tqdm directly
     try:
         _import_families(ns.imports)
         return int(ns.func(ns))

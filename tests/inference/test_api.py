@@ -1,5 +1,9 @@
 """The OpenAI-compatible API as real clients see it: the official ``openai`` client, strict validation, OpenAI's error
-object everywhere, chat, the documented schema (fuzzed with schemathesis), and access control."""
+object everywhere, chat, the documented schema (fuzzed with schemathesis), and access control.
+
+Every server test runs on both backends: the torch model, and its ONNX export (exported once into the module's tmp
+folder, served by onnxruntime). Expected texts come from the torch model's own greedy decoding, so on the ONNX
+backend they also check that both servers give the same greedy text, token by token."""
 
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ import torch
 from attnfree.data import ByteTokenizer
 from attnfree.inference.decoding import stream_generate
 from attnfree.inference.sampling import Sampling
-from attnfree.models.registry import ModelSize, build_model
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -31,19 +34,26 @@ NAME = "tiny-fastformer"
 KEY = "sk-test-0123456789"
 
 
-def tiny() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model("fastformer", ModelSize(32, 2, 2, n_positions=2048), TOK).double().eval()
+@pytest.fixture(scope="module")
+def model(tiny_model: torch.nn.Module) -> torch.nn.Module:
+    return tiny_model
+
+
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def served(request: Any, model: torch.nn.Module) -> tuple[Any, Any]:
+    """(what create_app serves, its tokenizer): the torch model, or an OnnxBackend of the same model's export (and
+    the export's own tokenizer, as ``attnfree serve EXPORT_DIR`` loads it)."""
+    if request.param == "torch":
+        return model, TOK
+    from attnfree.inference.serve.onnx_backend import OnnxBackend
+
+    backend = OnnxBackend(request.getfixturevalue("tiny_export")[1])
+    return backend, backend.tokenizer
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny()
-
-
-@pytest.fixture(scope="module")
-def url(model: torch.nn.Module) -> Iterator[str]:
-    with serve_in_thread(create_app(model, TOK, NAME, max_streams=8, max_tokens=200)) as base:
+def url(served: tuple[Any, Any]) -> Iterator[str]:
+    with serve_in_thread(create_app(*served, NAME, max_streams=8, max_tokens=200)) as base:
         yield base
 
 
@@ -164,11 +174,6 @@ def test_the_openapi_document_lists_every_response(url: str) -> None:
     assert "/v1/models/{model_id}" in doc["paths"]
 
 
-def position_free() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model("fastformer", ModelSize(32, 2, 2), TOK, {"position_embedding_type": "none"}).eval()
-
-
 def fuzz(base: str, examples: int, *headers: str) -> str:
     """Run the schemathesis CLI against a served app: every check, valid and invalid data, every phase (examples,
     boundary values, random fuzzing, stateful sequences), a fixed seed; returns its summary, asserting no finding."""
@@ -180,23 +185,23 @@ def fuzz(base: str, examples: int, *headers: str) -> str:
     return done.stdout
 
 
-def test_schemathesis_finds_nothing() -> None:
+def test_schemathesis_finds_nothing(served: tuple[Any, Any]) -> None:
     """The OpenAPI document describes the API exactly: schemathesis (its CLI, as a user runs it) finds no server
     error, serves what the schema calls valid, refuses what it calls invalid, and every status, content type, body
     and server-sent event is as documented. A position-free model: with learned positions, prompt + max_tokens must
     also fit the context, a limit no JSON schema can state (a 400 naming the field)."""
     pytest.importorskip("schemathesis")
-    with serve_in_thread(create_app(position_free(), TOK, NAME, max_streams=4, max_queue=64, max_tokens=4)) as base:
+    with serve_in_thread(create_app(*served, NAME, max_streams=4, max_queue=64, max_tokens=4)) as base:
         summary = fuzz(base, 30)
     generated = re.search(r"(\d+) generated, (\d+) passed", summary)
     assert generated and int(generated[1]) == int(generated[2]) >= 500, summary[-3000:]
 
 
-def test_schemathesis_with_an_api_key() -> None:
+def test_schemathesis_with_an_api_key(served: tuple[Any, Any]) -> None:
     """With a key, the document declares the bearer scheme, and schemathesis checks that every operation refuses
     a request without it (its ignored_auth check) while serving the ones that carry it."""
     pytest.importorskip("schemathesis")
-    app = create_app(position_free(), TOK, NAME, max_streams=4, max_queue=64, max_tokens=4, api_key=KEY)
+    app = create_app(*served, NAME, max_streams=4, max_queue=64, max_tokens=4, api_key=KEY)
     with serve_in_thread(app) as base:
         fuzz(base, 5, f"Authorization: Bearer {KEY}")
         document = httpx.get(f"{base}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
@@ -210,8 +215,8 @@ def test_schemathesis_with_an_api_key() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_an_api_key_guards_every_endpoint_but_health_and_the_page(model: torch.nn.Module) -> None:
-    with serve_in_thread(create_app(model, TOK, NAME, max_tokens=8, api_key=KEY)) as base:
+def test_an_api_key_guards_every_endpoint_but_health_and_the_page(served: tuple[Any, Any]) -> None:
+    with serve_in_thread(create_app(*served, NAME, max_tokens=8, api_key=KEY)) as base:
         assert httpx.get(f"{base}/health").status_code == 200 and httpx.get(f"{base}/").status_code == 200
         for path in ("/info", "/stats", "/v1/models"):
             missing = httpx.get(f"{base}{path}")
@@ -238,7 +243,7 @@ def test_the_prefix_cache_shows_in_stats_and_changes_nothing(url: str, model: to
     json.dumps(stats)
 
 
-def test_a_client_that_stops_reading_pauses_only_its_own_stream() -> None:
+def test_a_client_that_stops_reading_pauses_only_its_own_stream(served: tuple[Any, Any]) -> None:
     """Back-pressure end to end: a raw-socket client asks for a long stream and stops reading. Once the socket
     buffers are full (kept small here: 4 KiB each way, so this takes seconds, not minutes), the server stops
     pulling its events, the engine pauses that stream (its state set aside), and other clients are served as
@@ -248,7 +253,7 @@ def test_a_client_that_stops_reading_pauses_only_its_own_stream() -> None:
 
     import uvicorn
 
-    app = create_app(position_free(), TOK, NAME, max_tokens=100_000, max_buffered=16)
+    app = create_app(*served, NAME, max_tokens=100_000, max_buffered=16)
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted sockets inherit it (Linux)
     listener.bind(("127.0.0.1", 0))
@@ -271,10 +276,14 @@ def test_a_client_that_stops_reading_pauses_only_its_own_stream() -> None:
             return dict(httpx.get(f"{url}/stats").json())
 
         deadline = time.monotonic() + 60
-        while stats()["paused_streams"] != 1:
-            assert time.monotonic() < deadline, stats()
-            time.sleep(0.1)
-        tokens = stats()["tokens"]
+        tokens = -1
+        while True:  # paused, and still paused after the socket buffers took what they could (no new token)
+            now = stats()
+            if now["paused_streams"] == 1 and now["tokens"] == tokens:
+                break
+            assert time.monotonic() < deadline, now
+            tokens = now["tokens"]
+            time.sleep(0.5)
         fast = httpx.post(f"{url}/generate", json={"prompt": "fast", "max_tokens": 50, "ignore_eos": True,
                                                    "stream": False}, timeout=30).json()
         assert len(fast["tokens"]) == 50

@@ -56,8 +56,8 @@ def serve(engine: Engine, batch: list[GenerationRequest], one_by_one: bool = Tru
 def test_the_prefix_cache_changes_no_token_and_prefills_only_the_new_tokens(name: str) -> None:
     model = tiny(name)
     batch = requests(["1?", "two?", "1?", "three, longer than the others?"])
-    plain = serve(Engine(model, TOK, prefix_cache_bytes=0), batch)
-    engine = Engine(model, TOK, prefix_cache_bytes=64 << 20)
+    plain = serve(Engine(model, TOK, prefix_cache_mib=0), batch)
+    engine = Engine(model, TOK, prefix_cache_mib=64)
     assert serve(engine, batch) == plain
     stats = engine.stats()
     header = len(TOK.encode(HEADER))
@@ -71,8 +71,8 @@ def test_the_prefix_cache_changes_no_token_and_prefills_only_the_new_tokens(name
 def test_prompts_longer_than_a_chunk_and_of_mixed_lengths_prefill_exactly() -> None:
     model = tiny("fastformer-conv")
     batch = requests(["x" * 300, "short", "y" * 77, ""])
-    whole = serve(Engine(model, TOK, prefix_cache_bytes=0), batch)
-    chunked = Engine(model, TOK, prefix_cache_bytes=0, prefill_chunk=64)
+    whole = serve(Engine(model, TOK, prefix_cache_mib=0), batch)
+    chunked = Engine(model, TOK, prefix_cache_mib=0, prefill_chunk=64)
     assert serve(chunked, batch, one_by_one=False) == whole
     assert chunked.counters["prefills"] >= (len(batch[0].prompt_ids) + 63) // 64
 
@@ -81,7 +81,7 @@ def test_a_long_prompt_does_not_stall_running_streams_for_more_than_a_chunk() ->
     """While a 2,000-token prompt is prefilled in chunks of 100, a stream already decoding gets a token after
     every chunk: its tokens keep coming during the whole prefill."""
     model = tiny("fastformer")
-    engine = Engine(model, TOK, prefix_cache_bytes=0, prefill_chunk=100)
+    engine = Engine(model, TOK, prefix_cache_mib=0, prefill_chunk=100)
 
     async def run() -> tuple[int, int]:
         engine.start()
@@ -103,10 +103,10 @@ def test_a_long_prompt_does_not_stall_running_streams_for_more_than_a_chunk() ->
 
 def test_a_slow_reader_pauses_its_stream_without_holding_the_others() -> None:
     model = tiny("fastformer")
-    engine = Engine(model, TOK, prefix_cache_bytes=0, max_buffered=8)
+    engine = Engine(model, TOK, prefix_cache_mib=0, max_buffered=8)
     slow_request = GenerationRequest(tuple(TOK.encode("slow")), 100, stop_at_eos=False)
     fast_request = GenerationRequest(tuple(TOK.encode("fast")), 60, stop_at_eos=False)
-    alone = serve(Engine(model, TOK, prefix_cache_bytes=0), [slow_request, fast_request])
+    alone = serve(Engine(model, TOK, prefix_cache_mib=0), [slow_request, fast_request])
 
     async def run() -> tuple[list[int], list[int], int, int]:
         engine.start()

@@ -363,8 +363,33 @@ def test_cli_serve_checks_its_arguments(tmp_path: Path, capsys: Any) -> None:
     from attnfree.cli import build_parser, main
 
     ns = build_parser().parse_args(["serve", "ckpt", "--port", "9000", "--max-streams", "8"])
-    assert (ns.checkpoint, ns.port, ns.max_streams, ns.host) == ("ckpt", 9000, 8, "127.0.0.1")
+    assert (ns.target, ns.port, ns.max_streams) == ("ckpt", 9000, 8) and not hasattr(ns, "host")  # given flags only
     assert main(["serve", str(tmp_path)]) == 2
     assert "no model checkpoint" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--port", "70000"]) == 2
     assert "port must be in [1, 65535]" in capsys.readouterr().err
+
+
+def test_every_server_setting_is_a_flag_and_reaches_the_engine() -> None:
+    """ServeSettings is declared once: each field is a serve flag with its help, and the engine takes it whole."""
+    import dataclasses
+
+    from attnfree.cli import build_parser
+    from attnfree.inference.serve.settings import ServeSettings
+
+    parser = build_parser("serve")
+    serve_parser = next(a for a in parser._actions if a.dest == "command").choices["serve"]  # type: ignore[union-attr]
+    flags = {a.dest: a for a in serve_parser._actions}
+    for f in dataclasses.fields(ServeSettings):
+        assert f.name in flags and f.metadata["help"] in (flags[f.name].help or ""), f.name
+    ns = parser.parse_args(["serve", "x", "--max-buffered", "7", "--max-prompt-tokens", "33", "--prefix-cache-mib",
+                            "0.5", "--quantized"])
+    settings = ServeSettings(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(ServeSettings)
+                                if hasattr(ns, f.name)})
+    engine = Engine(tiny(), TOK, settings)
+    assert (engine.max_buffered, engine.max_prompt_tokens, engine.prefix_cache.max_bytes) == (7, 33, 2**19)
+    for bad in ({"max_buffered": 0}, {"max_prompt_tokens": 0}, {"prefix_cache_mib": -1}, {"api_key": ""}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ServeSettings(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown server setting"):
+        Engine(tiny(), TOK, max_stream=3)

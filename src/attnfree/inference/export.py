@@ -295,6 +295,7 @@ def _manifest(model: nn.Module, specs: list[StateSpec], tok: dict[str, Any], gra
         "format": FORMAT, "format_version": FORMAT_VERSION, "opset": opset, "torch_version": torch.__version__,
         "provenance": provenance(),
         "model_type": c.model_type, "architecture": type(model).__name__, "config": c.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": c.vocab_size, "max_positions": max_positions(cast(Any, model)),
         "bos_token_id": tok["bos_token_id"], "eos_token_id": tok["eos_token_id"], "pad_token_id": tok["pad_token_id"],
         "tokenizer": tok,

@@ -110,7 +110,8 @@ def pick_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) 
         return logits.argmax(-1).astype(np.int64)
     # 1. temperature (after subtracting the largest: no inf - inf for a tiny one), then keep the k largest
     z = logits.astype(np.float64)
-    z = (z - z.max(-1, keepdims=True)) / sampling.temperature
+    with np.errstate(over="ignore"):  # a tiny temperature: -inf for all but the largest (greedy up to ties)
+        z = (z - z.max(-1, keepdims=True)) / sampling.temperature
     if sampling.top_k:
         kth = np.sort(z, -1)[:, -min(sampling.top_k, z.shape[-1])][:, None]
         z = np.where(z < kth, -np.inf, z)

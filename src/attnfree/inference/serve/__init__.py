@@ -1,6 +1,7 @@
 """Serving: a continuous-batching generation engine and a FastAPI app around it (``attnfree serve``).
 
-``engine`` needs only torch; ``app`` (``create_app``) needs fastapi, and running it needs uvicorn: install the
+``engine`` runs a model through a backend (``backend.py``: torch, or an ONNX export without torch); ``app``
+(``create_app``) needs fastapi, and running it needs uvicorn: install the
 ``serve`` extra.
 """
 

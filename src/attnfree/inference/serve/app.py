@@ -15,6 +15,9 @@ Chat: a base model has no chat format. Messages are rendered with the tokenizer'
 has one, else with ``PLAIN_CHAT_TEMPLATE`` (``/info`` says which). Access: with an API key, every endpoint but
 ``/health`` and the page itself requires ``Authorization: Bearer KEY`` (401 otherwise); keys are compared in
 constant time and never logged.
+
+The model runs through a backend (``backend.py``): a torch model, or an ONNX export (``serve`` detects it from
+its manifest); this module imports no torch, so serving an export never loads it.
 """
 
 import asyncio
@@ -33,7 +36,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, cast
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -41,8 +43,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from attnfree.data import TextTokenizer
-from attnfree.inference.sampling import Sampling
+from attnfree.inference.sampling_options import Sampling
+from attnfree.inference.serve.backend import Tokenizer as TextTokenizer
 from attnfree.inference.serve.engine import Engine, EngineFull, Event, GenerationRequest, RequestError, Stream
 from attnfree.inference.serve.schema import (
     CHAT_EVENTS,
@@ -65,6 +67,7 @@ from attnfree.inference.serve.schema import (
     request_bodies,
     responses,
 )
+from attnfree.inference.serve.settings import LOOPBACK, ServeSettings, resolve
 
 # ----------------------------------------------------------------------------------------------
 # Requests
@@ -214,14 +217,11 @@ def _final_error(events: list[Event]) -> HTTPError | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def model_info(model: torch.nn.Module, tokenizer: TextTokenizer, engine: Engine, name: str) -> dict[str, Any]:
-    """What /info reports: name, family, size, state per stream, limits."""
-    config = getattr(model, "config", None)
+def model_info(tokenizer: TextTokenizer, engine: Engine, name: str) -> dict[str, Any]:
+    """What /info reports: name, backend, family, size, state per stream, limits."""
     return {
         "name": name,
-        "model_type": getattr(config, "model_type", type(model).__name__),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        **engine.backend.info(),
         "state_bytes_per_stream": engine.state_bytes_per_stream,
         "context_limit": engine.context_limit,
         "max_prompt_tokens": engine.max_prompt_tokens,
@@ -246,21 +246,19 @@ def memory_mib() -> dict[str, float]:
     return out
 
 
-def create_app(model: torch.nn.Module, tokenizer: TextTokenizer, model_name: str | None = None,
-               max_streams: int = 64, max_queue: int = 0, max_tokens: int = 1024,
-               max_prompt_tokens: int | None = None, api_key: str | None = None, prefill_chunk: int = 512,
-               max_buffered: int = 64, prefix_cache_bytes: int = 64 * 2**20) -> FastAPI:
-    """A FastAPI app serving ``model`` (a recurrent attnfree model) through one continuous-batching Engine.
+def create_app(model: Any, tokenizer: TextTokenizer, model_name: str | None = None,
+               settings: ServeSettings | None = None, **overrides: Any) -> FastAPI:
+    """A FastAPI app serving ``model`` (a ``Backend``, or a recurrent attnfree torch model) through one
+    continuous-batching Engine, with ``settings`` (``ServeSettings``, or overrides of its fields by name).
 
-    The engine's worker thread starts with the app (lifespan) and stops with it. With ``api_key``, every endpoint
-    but ``/health`` and the page requires ``Authorization: Bearer <api_key>``.
+    The engine's worker thread starts with the app (lifespan) and stops with it. With ``settings.api_key``, every
+    endpoint but ``/health`` and the page requires ``Authorization: Bearer <api_key>``.
     """
-    if api_key is not None and not api_key:
-        raise ValueError("api_key must be non-empty (or None for no key)")
-    engine = Engine(model, tokenizer, max_streams, max_queue, max_tokens, max_prompt_tokens, prefill_chunk,
-                    max_buffered, prefix_cache_bytes)
-    name = str(model_name or getattr(getattr(model, "config", None), "model_type", "attnfree"))
-    info = model_info(model, tokenizer, engine, name)
+    settings = resolve(settings, overrides)
+    api_key = settings.api_key
+    engine = Engine(model, tokenizer, settings)
+    name = str(model_name or settings.name or engine.backend.info()["model_type"])
+    info = model_info(tokenizer, engine, name)
     info |= {"chat_template": chat_template(tokenizer) if chat_template(tokenizer) == "tokenizer"
              else f"plain: {PLAIN_CHAT_TEMPLATE}", "api_key_required": api_key is not None}
 
@@ -395,7 +393,7 @@ def _add_routes(app: FastAPI, engine: Engine, tokenizer: TextTokenizer, info: di
 
     @app.get("/stats", responses=ERRORS)
     async def stats() -> dict[str, Any]:
-        return {**engine.stats(), **memory_mib()}
+        return {**engine.stats(), **memory_mib(), "torch_loaded": "torch" in sys.modules}
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models() -> dict[str, Any]:
@@ -505,35 +503,44 @@ def _openai_renderer(head: dict[str, Any], include_usage: bool, chat: bool) -> C
     return render
 
 
-def serve_checkpoint(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_streams: int = 64,
-                     max_queue: int = 0, max_tokens: int = 1024, threads: int | None = None, name: str | None = None,
-                     log_level: str = "info", api_key: str | None = None, prefix_cache_mib: float = 64,
-                     prefill_chunk: int = 512) -> None:
-    """``attnfree serve``: load a checkpoint and serve it with uvicorn until interrupted.
+def load_for_serving(target: str | Path, settings: ServeSettings) -> tuple[Any, TextTokenizer]:
+    """(backend, tokenizer) for a target folder: an ONNX export (it holds manifest.json; onnxruntime, no torch) or a
+    run folder / checkpoint-N (torch)."""
+    from attnfree.inference.serve.onnx_backend import is_export
 
-    ``api_key`` (else ``$ATTNFREE_API_KEY``) requires ``Authorization: Bearer <key>``; binding beyond loopback
-    without one prints a warning."""
+    if is_export(target):
+        from attnfree.inference.serve.onnx_backend import OnnxBackend
+
+        backend = OnnxBackend(target, quantized=settings.quantized, threads=settings.threads)
+        return backend, backend.tokenizer
+    if settings.quantized:
+        raise ValueError(f"quantized serves an export's int8 graphs; {target} is not an export (no manifest.json)")
+    from attnfree.checkpoints import load_checkpoint
+    from attnfree.inference.serve.torch_backend import TorchBackend
+
+    model, tokenizer = load_checkpoint(target)
+    return TorchBackend(model, threads=settings.threads), tokenizer
+
+
+def serve(target: str | Path, settings: ServeSettings | None = None, **overrides: Any) -> None:
+    """``attnfree serve``: load a checkpoint or an ONNX export and serve it with uvicorn until interrupted.
+
+    The API key is ``settings.api_key``, else ``$ATTNFREE_API_KEY``; binding beyond loopback without one prints a
+    warning."""
     import uvicorn
 
-    from attnfree.checkpoints import load_checkpoint
-
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port must be in [1, 65535], got {port}")
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"attnfree serve: warning: {host} is reachable beyond this machine and no API key is set "
+    settings = resolve(settings, overrides)
+    if settings.api_key is None and os.environ.get(API_KEY_ENV):
+        settings = settings.replace(api_key=os.environ[API_KEY_ENV])
+    if settings.api_key is None and settings.host not in LOOPBACK:
+        print(f"attnfree serve: warning: {settings.host} is reachable beyond this machine and no API key is set "
               f"(--api-key or ${API_KEY_ENV}): anyone who reaches it can use it", file=sys.stderr)
-    if prefix_cache_mib < 0:
-        raise ValueError(f"prefix_cache_mib must be >= 0, got {prefix_cache_mib}")
-    model, tokenizer = load_checkpoint(checkpoint)
-    app = create_app(model, tokenizer, name or Path(checkpoint).resolve().name, max_streams=max_streams,
-                     max_queue=max_queue, max_tokens=max_tokens, api_key=api_key, prefill_chunk=prefill_chunk,
-                     prefix_cache_bytes=int(prefix_cache_mib * 2**20))
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    backend, tokenizer = load_for_serving(target, settings)
+    app = create_app(backend, tokenizer, settings.name or Path(target).resolve().name, settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+serve_checkpoint = serve  # the earlier name
 
 
 API_KEY_ENV = "ATTNFREE_API_KEY"

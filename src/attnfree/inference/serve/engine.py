@@ -22,7 +22,8 @@ grows with the number of streams, never with their lengths. Results do not depen
 state its prefix would have produced); the tests check both token by token.
 
 Events go from the worker thread to the asyncio server through ``loop.call_soon_threadsafe``: the model never runs
-on the event loop.
+on the event loop. The model runs through a ``Backend`` (``backend.py``): a torch model or an ONNX export; this
+module imports neither torch nor onnxruntime.
 """
 
 from __future__ import annotations
@@ -36,16 +37,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from attnfree.data import TextTokenizer
-from attnfree.inference.decoding import IncrementalDecoder
-from attnfree.inference.sampling import Sampling, sample_rows
+from attnfree.inference.detokenize import IncrementalDecoder
+from attnfree.inference.sampling_options import Sampling
+from attnfree.inference.serve.backend import Backend, Tokenizer
 from attnfree.inference.serve.prefix_cache import PrefixCache
-from attnfree.models.cache import RecurrentCache
-from attnfree.models.compat import output_cache
-from attnfree.models.registry import max_positions
+from attnfree.inference.serve.settings import ServeSettings, resolve
 
 
 class RequestError(ValueError):
@@ -61,7 +57,7 @@ class EngineFull(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Text: stop strings (incremental detokenisation is ``inference.decoding.IncrementalDecoder``)
+# Text: stop strings (incremental detokenisation is ``inference.detokenize.IncrementalDecoder``)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -125,7 +121,7 @@ class Stream:
     decoder: IncrementalDecoder
     queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     seed: int = 0
-    generator: torch.Generator | None = None
+    generator: Any = None  # the backend's random generator of this stream
     last_token: int = -1  # the token to feed at the next step
     generated: int = 0
     state_bytes: int = 0
@@ -136,7 +132,7 @@ class Stream:
     stop: StopText = field(default_factory=lambda: StopText(()))
     sent: int = 0  # events the worker sent
     delivered: int = 0  # events the reader took: sent - delivered is what waits for a slow reader
-    cache: RecurrentCache | None = None  # this stream's own state while it is prefilled or paused
+    cache: Any = None  # this stream's own state while it is prefilled or paused
     prompt_pos: int = 0  # prompt tokens in that state
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     snapshots: list[int] = field(default_factory=list)  # prompt lengths whose state goes into the prefix cache
@@ -188,53 +184,45 @@ class Stream:
 # ----------------------------------------------------------------------------------------------
 
 
+def as_backend(model: Any, threads: int | None = None) -> Backend:
+    """``model`` itself when it is a Backend, else a torch model in a ``TorchBackend`` with ``threads`` (torch
+    imported only then)."""
+    if isinstance(model, Backend):
+        return model
+    from attnfree.inference.serve.torch_backend import TorchBackend
+
+    return TorchBackend(model, threads)
+
+
 class Engine:
     """Serves many generation streams from one model (see the module docstring).
 
-    max_streams: streams held at once (prefilling, decoding or paused; each holds one constant-size state);
-    max_queue: requests that may wait for a slot (beyond both, ``submit`` raises EngineFull); max_tokens: the most
-    new tokens one request may ask for; max_prompt_tokens: the longest prompt (default: the model's position limit,
-    if any); prefill_chunk: prompt tokens per stream per prefill forward; max_buffered: events a reader may be
-    behind before its stream pauses; prefix_cache_bytes: the prefix cache's budget (0: no cache).
+    model: a ``Backend`` (or a torch model, served by the torch backend); the limits are ``settings``'
+    (``ServeSettings``: max_streams, max_queue, max_tokens, max_prompt_tokens, prefill_chunk, max_buffered,
+    prefix_cache_mib), given whole or as overrides of its fields by name.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: TextTokenizer, max_streams: int = 64, max_queue: int = 0,
-                 max_tokens: int = 1024, max_prompt_tokens: int | None = None, prefill_chunk: int = 512,
-                 max_buffered: int = 64, prefix_cache_bytes: int = 64 * 2**20):
-        for name, value, low in (("max_streams", max_streams, 1), ("max_queue", max_queue, 0),
-                                 ("max_tokens", max_tokens, 1), ("prefill_chunk", prefill_chunk, 1),
-                                 ("max_buffered", max_buffered, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.device = next(model.parameters()).device
-        self.max_streams, self.max_queue, self.max_tokens = max_streams, max_queue, max_tokens
-        self.prefill_chunk, self.max_buffered = prefill_chunk, max_buffered
-        self.context_limit = max_positions(model)  # type: ignore[arg-type]
-        self.max_prompt_tokens = max_prompt_tokens or self.context_limit
-        self.prefix_cache = PrefixCache(prefix_cache_bytes)
-        self.state_bytes_per_stream = self._probe_state_bytes()
+    def __init__(self, model: Any, tokenizer: Tokenizer, settings: ServeSettings | None = None, **overrides: Any):
+        self.settings = s = resolve(settings, overrides)
+        self.backend, self.tokenizer = as_backend(model, s.threads), tokenizer
+        self.max_streams, self.max_queue, self.max_tokens = s.max_streams, s.max_queue, s.max_tokens
+        self.prefill_chunk, self.max_buffered = s.prefill_chunk, s.max_buffered
+        self.context_limit = self.backend.context_limit
+        self.max_prompt_tokens = s.max_prompt_tokens or self.context_limit
+        self.prefix_cache = PrefixCache(s.prefix_cache_bytes)
+        self.state_bytes_per_stream = self.backend.state_bytes(tokenizer.bos_token_id)
         self._cond = threading.RLock()
         self._wake = threading.Condition(self._cond)
         self._pending: collections.deque[Stream] = collections.deque()  # waiting for a slot
         self._prefilling: list[Stream] = []  # admitted, prompt not yet all in their state
         self._running: list[Stream] = []  # decoding: batch row i of self._cache belongs to self._running[i]
         self._paused: list[Stream] = []  # reader behind: state aside in stream.cache
-        self._cache: RecurrentCache | None = None
+        self._cache: Any = None  # the decoding batch's state
         self._thread: threading.Thread | None = None
         self._alive = False
         self.counters = {"requests": 0, "rejected_full": 0, "completed": 0, "cancelled": 0, "errors": 0,
                          "tokens": 0, "steps": 0, "prefills": 0, "prefill_tokens": 0, "pauses": 0,
                          "peak_active": 0, "peak_state_bytes": 0}
-
-    @torch.inference_mode()
-    def _probe_state_bytes(self) -> int:
-        """Bytes of one stream's recurrent state (the same after any number of tokens)."""
-        ids = torch.tensor([[self.tokenizer.bos_token_id]], device=self.device)
-        cache = output_cache(self.model(input_ids=ids, use_cache=True, logits_to_keep=1))
-        if not isinstance(cache, RecurrentCache):
-            raise TypeError(f"the engine serves models with a RecurrentCache, got {type(cache).__name__}")
-        return cache.nbytes()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -278,7 +266,7 @@ class Engine:
         loop = loop or asyncio.get_running_loop()
         seed = request.seed if request.seed is not None else random.SystemRandom().randrange(2**63)
         stream = Stream(request, loop, IncrementalDecoder(self.tokenizer), seed=seed, stop=StopText(request.stop),
-                        generator=torch.Generator(self.device).manual_seed(seed % 2**64))  # any integer
+                        generator=self.backend.generator(seed))
         with self._wake:
             if not self._alive:
                 raise RuntimeError("the engine is not running (call start())")
@@ -311,7 +299,7 @@ class Engine:
     # -- the worker loop --------------------------------------------------------------------------
 
     def _run(self) -> None:
-        with torch.inference_mode():
+        with self.backend.worker():
             while True:
                 with self._wake:
                     while self._alive and not self._work():
@@ -383,7 +371,7 @@ class Engine:
     def _join(self, stream: Stream) -> None:
         """Put a stream whose state is in ``stream.cache`` into the decoding batch."""
         assert stream.cache is not None
-        self._cache = stream.cache if self._cache is None else RecurrentCache.concat([self._cache, stream.cache])
+        self._cache = stream.cache if self._cache is None else self.backend.concat([self._cache, stream.cache])
         stream.cache = None
         self._running.append(stream)
         c = self.counters
@@ -430,8 +418,8 @@ class Engine:
         done = [(i, s) for i, s in enumerate(group) if s.prompt_pos == len(s.request.prompt_ids)]
         if not done:
             return
-        tokens = sample_rows(logits[[i for i, _ in done]], [s.request.sampling for _, s in done],
-                             [s.generator for _, s in done])
+        tokens = self.backend.sample(logits[[i for i, _ in done]], [s.request.sampling for _, s in done],
+                                     [s.generator for _, s in done])
         for (_, stream), token in zip(done, tokens, strict=True):
             with self._cond:
                 self._prefilling.remove(stream)
@@ -443,41 +431,35 @@ class Engine:
                 with self._cond:
                     self._join(stream)
 
-    def _prefill(self, group: list[Stream]) -> Tensor:
-        """Run each stream's next chunk; update its state and prompt position; cache snapshot states."""
+    def _prefill(self, group: list[Stream]) -> Any:
+        """Run each stream's next chunk; update its state and prompt position; cache snapshot states. Returns the
+        logits [G, V] of each stream's last chunk position."""
         lengths = [self._chunk(s) for s in group]
-        T = max(lengths)
-        ids = torch.full((len(group), T), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(group), T, dtype=torch.long, device=self.device)
-        for row, (s, n) in enumerate(zip(group, lengths, strict=True)):
-            ids[row, T - n:] = torch.tensor(s.request.prompt_ids[s.prompt_pos:s.prompt_pos + n])
-            mask[row, T - n:] = 1
-        start = None if group[0].cache is None else RecurrentCache.concat([s.cache for s in group])  # type: ignore
-        out = self.model(input_ids=ids, attention_mask=mask, cache=start, use_cache=True, logits_to_keep=1)
-        cache = output_cache(out)
+        rows = [s.request.prompt_ids[s.prompt_pos:s.prompt_pos + n] for s, n in zip(group, lengths, strict=True)]
+        start = None if group[0].cache is None else self.backend.concat([s.cache for s in group])
+        logits, cache = self.backend.prefill(rows, start)
         self.counters["prefills"] += 1
         self.counters["prefill_tokens"] += sum(lengths)
         for row, (s, n) in enumerate(zip(group, lengths, strict=True)):
             s.cache, s.prompt_pos = cache.select([row]), s.prompt_pos + n
             if s.prompt_pos in s.snapshots:
                 self.prefix_cache.insert(s.request.prompt_ids[:s.prompt_pos], s.cache)
-        return out.logits[:, -1]
+        return logits
 
     # -- decoding ---------------------------------------------------------------------------------
 
     def _step(self) -> None:
         """Feed every running stream's last token at once ([B, 1]) and sample each row with its own settings."""
-        ids = torch.tensor([[s.last_token] for s in self._running], device=self.device)  # [B, 1]
         try:
-            out = self.model(input_ids=ids, cache=self._cache, use_cache=True)
+            logits, self._cache = self.backend.step([s.last_token for s in self._running], self._cache)  # [B, V]
         except Exception as error:
             for stream in self._running:
                 self._fail(stream, error)
             self._drop_finished()
             return
         self.counters["steps"] += 1
-        tokens = sample_rows(out.logits[:, -1], [s.request.sampling for s in self._running],  # logits: [B, V]
-                             [s.generator for s in self._running])
+        tokens = self.backend.sample(logits, [s.request.sampling for s in self._running],
+                                     [s.generator for s in self._running])
         for stream, token in zip(self._running, tokens, strict=True):
             if not stream.finished:
                 self._emit(stream, token)

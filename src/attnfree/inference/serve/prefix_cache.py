@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from attnfree.models.cache import RecurrentCache
+from attnfree.inference.serve.backend import State
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -38,7 +38,7 @@ class PrefixCache:
         if not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes must be an integer >= 0, got {max_bytes!r}")
         self.max_bytes = max_bytes
-        self._entries: collections.OrderedDict[tuple[int, ...], tuple[np.ndarray, RecurrentCache, int]] = (
+        self._entries: collections.OrderedDict[tuple[int, ...], tuple[np.ndarray, State, int]] = (
             collections.OrderedDict())
         self._lock = threading.Lock()
         self.bytes = 0
@@ -48,7 +48,7 @@ class PrefixCache:
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
-    def lookup(self, tokens: Sequence[int]) -> tuple[int, RecurrentCache | None]:
+    def lookup(self, tokens: Sequence[int]) -> tuple[int, State | None]:
         """(n, a copy of the state after tokens[:n]) for the longest cached prefix with n < len(tokens); (0, None)."""
         with self._lock:
             self.counters["lookups"] += 1
@@ -76,7 +76,7 @@ class PrefixCache:
             longest = max((common_prefix(array, query) for array, _, _ in self._entries.values()), default=0)
             return min(longest, len(tokens) - 1)
 
-    def insert(self, tokens: Sequence[int], state: RecurrentCache) -> None:
+    def insert(self, tokens: Sequence[int], state: State) -> None:
         """Keep (a copy of) the one-sequence ``state`` after ``tokens``; evict the least recently used to fit."""
         key = tuple(int(t) for t in tokens)
         with self._lock:
