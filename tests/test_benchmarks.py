@@ -126,3 +126,15 @@ def test_decode_step_side_by_side_with_onnx(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert all(row[k] > 0 for k in ("torch_ms", "torch_plain_head_ms", "onnx_ms", "torch_vs_onnx"))
+
+
+def test_step_ab_times_the_tree_on_the_path():
+    """benchmarks.step_ab as an A/B between worktrees runs it: one JSON line per model, from this tree."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "benchmarks.step_ab", "--models", "leviathan,fastformer", "--seq-len", "32",
+           "--steps", "2"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["model"] for line in lines] == ["leviathan", "fastformer"]
+    assert all(line["tree"] == str(ROOT) and len(line["times"]) == 2 and line["tokens_per_s"] > 0 for line in lines)
