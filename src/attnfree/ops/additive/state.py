@@ -72,14 +72,19 @@ def safe_divide(s: Tensor, z: Tensor) -> Tensor:
     return torch.where(z > 0, s / torch.where(z > 0, z, torch.ones_like(z)), torch.zeros_like(s))
 
 
-def check_inputs(x: Tensor, scores: Tensor, mask: Tensor | None, state: AdditiveState | None) -> None:
-    """Shapes: x [B, T, H, D], scores [B, T, H], mask [B, T] bool, state of matching B, H, D."""
+def check_pool_inputs(x: Tensor, scores: Tensor, mask: Tensor | None) -> None:
+    """Shapes every pooling takes: x [B, T, H, D], scores [B, T, H], mask [B, T] bool."""
     if x.dim() != 4:
         raise ValueError(f"x must be [B, T, H, D], got shape {tuple(x.shape)}")
     if scores.shape != x.shape[:3]:
         raise ValueError(f"scores must be [B, T, H] = {tuple(x.shape[:3])}, got {tuple(scores.shape)}")
     if mask is not None and mask.shape != x.shape[:2]:
         raise ValueError(f"mask must be [B, T] = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+
+
+def check_inputs(x: Tensor, scores: Tensor, mask: Tensor | None, state: AdditiveState | None) -> None:
+    """Shapes: x [B, T, H, D], scores [B, T, H], mask [B, T] bool, state of matching B, H, D."""
+    check_pool_inputs(x, scores, mask)
     if state is not None and state.s.shape != (x.shape[0], x.shape[2], x.shape[3]):
         raise ValueError(f"state.s must be [B, H, D] = {(x.shape[0], x.shape[2], x.shape[3])}, "
                          f"got {tuple(state.s.shape)}")

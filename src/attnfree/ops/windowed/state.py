@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from attnfree.ops.additive.state import DEFAULT_CHUNK_SIZE, state_dtype
+from attnfree.ops.additive.state import DEFAULT_CHUNK_SIZE, check_pool_inputs, state_dtype
 
 
 class WindowState(NamedTuple):
@@ -53,12 +53,7 @@ def init_window_state(batch: int, heads: int, head_dim: int, window: int, dtype:
 def check_window_inputs(x: Tensor, scores: Tensor, mask: Tensor | None, state: WindowState | None,
                         options: WindowOptions) -> None:
     """Shapes: x [B, T, H, D], scores [B, T, H], mask [B, T] bool, state of matching B, k, H, D."""
-    if x.dim() != 4:
-        raise ValueError(f"x must be [B, T, H, D], got shape {tuple(x.shape)}")
-    if scores.shape != x.shape[:3]:
-        raise ValueError(f"scores must be [B, T, H] = {tuple(x.shape[:3])}, got {tuple(scores.shape)}")
-    if mask is not None and mask.shape != x.shape[:2]:
-        raise ValueError(f"mask must be [B, T] = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+    check_pool_inputs(x, scores, mask)
     B, _, H, D = x.shape
     if state is not None and state.x.shape != (B, options.window, H, D):
         raise ValueError(f"state.x must be [B, k, H, D] = {(B, options.window, H, D)}, got {tuple(state.x.shape)}")
