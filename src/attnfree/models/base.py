@@ -323,12 +323,13 @@ class RecurrentModel(RecurrentPreTrainedModel):
                                 if c.position_embedding_type == "learned" else None)
         self.embed_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps) if self.embedding_norm else None
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
-        self.layers = nn.ModuleList([self.make_block(c) for _ in range(c.num_hidden_layers)])
+        self.layers = nn.ModuleList([self.make_block(c, i) for i in range(c.num_hidden_layers)])
         self.final_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
 
-    def make_block(self, config: RecurrentConfig) -> RecurrentBlock:
+    def make_block(self, config: RecurrentConfig, index: int) -> RecurrentBlock:
+        """Block ``index`` of the stack (the same block at every index unless a family's layers differ)."""
         return self.block_class(config)
 
     def get_input_embeddings(self) -> nn.Embedding:

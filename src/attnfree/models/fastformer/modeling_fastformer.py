@@ -68,10 +68,8 @@ class FastformerModel(FastformerPreTrainedModel, RecurrentModel):
     block_class = FastformerLayer
     embedding_norm = True
 
-    def make_block(self, config: RecurrentConfig) -> RecurrentBlock:
-        """Layer i with its own pooling window (the shell makes the blocks in order: i = how many came before)."""
-        index = self.__dict__.get("_blocks_made", 0)
-        self.__dict__["_blocks_made"] = index + 1
+    def make_block(self, config: RecurrentConfig, index: int) -> RecurrentBlock:
+        """Layer ``index`` with its own pooling window."""
         return FastformerLayer(cast(FastformerConfig, config), index)
 
 
