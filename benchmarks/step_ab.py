@@ -5,7 +5,9 @@ first on the path: for A/B runs between commits, each from its own worktree.
 
 Vocabulary 256, width 256, 4 heads, 4 layers, batch 1, T = --seq-len (16,384), one thread; one untimed step, then
 the median of --steps. Prints one JSON line per model (the tree it ran from, median seconds, tokens/s, every time).
-Run the trees alternately, twice or more: on a shared machine one run alone says little.
+Run the trees alternately, twice or more: on a shared machine one run alone says little. It imports from attnfree
+only what old commits have too (the registry's ``ModelSize`` and ``build_model``), not ``benchmarks.common``, whose
+provenance and other imports an older tree on the path may lack.
 """
 
 from __future__ import annotations
