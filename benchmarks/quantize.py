@@ -9,13 +9,13 @@ For each trained checkpoint (a run folder of ``attnfree train``), four variants:
 - torch-int8: ``attnfree.export.quantize_dynamic_int8`` (every nn.Linear int8, activations quantized per call);
   size = the quantized state_dict saved with torch.save.
 - onnx-fp32 / onnx-int8: ``attnfree export --quantize int8`` (onnxruntime's ``quantize_dynamic`` on MatMul/Gemm
-  weights) run by ``attnfree.inference.runtime.OnnxLM``; size = step.onnx + prefill.onnx (the step graph alone in
-  ``step_mb``).
+  weights) run by ``attnfree.inference.runtime.OnnxLM``; size = the step and prefill graphs with the weights they
+  use (``deployed_bytes``: shared weights count once); the step graph alone with its weights in ``step_mb``.
 
 Decode speed: greedy, a prompt of 8 tokens per row, then ``--new-tokens`` tokens; tokens/s counts the steps after
 the first token (prefill excluded), B tokens per step; the median of ``--repeats`` runs. BPC: the validation split
 (the whole split, or its first ``--eval-chars`` characters), non-overlapping windows of the run's block size with
-BOS first (``evaluate_bpc``'s protocol; the ONNX variants score through the prefill graph's ``all_logits``).
+BOS first (``evaluate_bpc``'s protocol; the ONNX variants score through the scoring graph's ``all_logits``).
 Threads: torch and onnxruntime both get ``--threads``. ``--quick`` builds a tiny random fastformer-conv instead of
 reading checkpoints.
 """
@@ -39,7 +39,7 @@ from attnfree.checkpoints import load_checkpoint
 from attnfree.data import ByteTokenizer, TextTokenizer, load_corpus
 from attnfree.evaluation.bpc import evaluate_bpc
 from attnfree.inference.decoding import stream_generate
-from attnfree.inference.export import export_onnx, quantize_dynamic_int8
+from attnfree.inference.export import deployed_bytes, export_onnx, quantize_dynamic_int8
 from attnfree.inference.runtime import OnnxLM
 from attnfree.inference.runtime import Sampling as NpSampling
 from attnfree.inference.sampling import Sampling
@@ -95,8 +95,8 @@ def measure(name: str, model: nn.Module, tokenizer: TextTokenizer, size_mb: floa
     for variant, quantized in (("onnx-fp32", False), ("onnx-int8", True)):
         lm = OnnxLM.load(export_dir, quantized=quantized, threads=args.threads)
         files = [lm.manifest["graphs"][g + (".int8" if quantized else "")] for g in ("step", "prefill")]
-        row = {"model": name, "variant": variant, "size_mb": sum((export_dir / f).stat().st_size for f in files) / MB,
-               "step_mb": (export_dir / files[0]).stat().st_size / MB}
+        row = {"model": name, "variant": variant, "size_mb": deployed_bytes(export_dir, files) / MB,
+               "step_mb": deployed_bytes(export_dir, files[:1]) / MB}
         for b in args.batch_list:
             row[f"tok_s_b{b}"] = statistics.median(
                 [onnx_speed(lm, b, args.new_tokens) for _ in range(args.repeats)])

@@ -30,6 +30,8 @@ from attnfree.evaluation.bpc import evaluate_bpc  # noqa: E402
 from attnfree.inference.decoding import stream_generate  # noqa: E402
 from attnfree.inference.export import (  # noqa: E402
     Prefill,
+    Score,
+    deployed_bytes,
     empty_state,
     quantize_dynamic_int8,
     state_specs,
@@ -89,8 +91,9 @@ def test_step_module_matches_model_decoding(name):
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         cache = output_cache(out)
-        last, all_logits, *state = Prefill(model)(ids, mask)
-        torch.testing.assert_close(all_logits, out.logits, rtol=1e-5, atol=1e-5)
+        last, *state = Prefill(model)(ids, mask)
+        torch.testing.assert_close(last, out.logits[:, -1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(Score(model)(ids, mask), out.logits, rtol=1e-5, atol=1e-5)
         step = step_module(model)
         token = out.logits[:, -1].argmax(-1)
         for t in range(20):
@@ -105,7 +108,7 @@ def test_state_specs_describe_the_state(name):
     model = tiny(name)
     ids, mask = padded_batch()
     with torch.no_grad():
-        state = Prefill(model)(ids, mask)[2:]
+        state = Prefill(model)(ids, mask)[1:]
     specs = state_specs(model)
     assert [tuple(t.shape[1:]) for t in state] == [s.shape[1:] for s in specs]
     assert [str(t.dtype).removeprefix("torch.") for t in state] == [s.dtype for s in specs]
@@ -172,7 +175,8 @@ def test_exported_prefill_and_50_steps_match_pytorch(exported):
     # 1. prefill of a left-padded batch: every real position's logits, the last ones, the state
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-    last, all_logits, state = lm.run_prefill(ids.numpy(), mask.numpy())
+    last, state = lm.run_prefill(ids.numpy(), mask.numpy())
+    all_logits = lm.all_logits(ids.numpy(), mask.numpy())
     real = mask.bool().numpy()
     np.testing.assert_allclose(all_logits[real], out.logits.numpy()[real], rtol=0, atol=FLOAT32_ATOL)
     np.testing.assert_allclose(last, out.logits[:, -1].numpy(), rtol=0, atol=FLOAT32_ATOL)
@@ -197,7 +201,9 @@ def test_exported_prefill_any_length(exported):
         ids = torch.randint(0, 256, (1, T), generator=g)
         with torch.no_grad():
             want = model(input_ids=ids).logits
-        _, got, _ = lm.run_prefill(ids.numpy(), np.ones((1, T), dtype=np.int64))
+        got = lm.all_logits(ids.numpy(), np.ones((1, T), dtype=np.int64))
+        last, _ = lm.run_prefill(ids.numpy(), np.ones((1, T), dtype=np.int64))
+        np.testing.assert_allclose(last, want[:, -1].numpy(), rtol=0, atol=FLOAT32_ATOL, err_msg=f"T={T}")
         np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=FLOAT32_ATOL, err_msg=f"T={T}")
 
 
@@ -246,12 +252,13 @@ def test_packaged_runtime_works_where_torch_is_not_installed(exported):
 def test_manifest(exported):
     model, _, folder = exported
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["format"] == "attnfree-onnx" and manifest["format_version"] == 1
+    assert manifest["format"] == "attnfree-onnx" and manifest["format_version"] == 2
     assert manifest["vocab_size"] == TOK.vocab_size and manifest["max_positions"] == TINY.n_positions
     assert (manifest["bos_token_id"], manifest["eos_token_id"]) == (TOK.bos_token_id, TOK.eos_token_id)
     assert manifest["tokenizer"]["kind"] == "byte" and manifest["architecture"] == type(model).__name__
-    assert set(manifest["graphs"]) == {"step", "prefill", "step.int8", "prefill.int8"}
-    assert {"step.onnx", "prefill.onnx", "step.int8.onnx", "prefill.int8.onnx", "runtime.py"} <= set(manifest["files"])
+    graphs = {"step", "prefill", "score", "step.int8", "prefill.int8", "score.int8"}
+    assert set(manifest["graphs"]) == graphs
+    assert {f"{g}.onnx" for g in graphs} | {"weights.bin", "runtime.py"} <= set(manifest["files"])
     specs = state_specs(model)
     assert [s["name"] for s in manifest["state"]] == [s.name for s in specs]
     # the graphs' own signatures agree with the manifest
@@ -260,8 +267,27 @@ def test_manifest(exported):
     assert [o.name for o in step.get_outputs()] == manifest["step"]["outputs"]
     shapes = [i.shape for i in step.get_inputs()[1:]]
     assert [[d if isinstance(d, int) else "B" for d in s] for s in shapes] == [s["shape"] for s in manifest["state"]]
-    assert [o.shape[1] for o in ort.InferenceSession(str(folder / "prefill.onnx")).get_outputs()[:2]] == [
-        TOK.vocab_size, "T"]
+    assert [o.shape[1:] for o in ort.InferenceSession(str(folder / "prefill.onnx")).get_outputs()[:1]] == [
+        [TOK.vocab_size]]
+    assert [o.shape[1:] for o in ort.InferenceSession(str(folder / "score.onnx")).get_outputs()] == [
+        ["T", TOK.vocab_size]]
+
+
+def test_the_graphs_share_one_copy_of_the_weights(exported):
+    """Every weight of 1 KiB or more is in weights.bin, once: the three float graphs use the same entries, so
+    they need no more bytes together than the step alone (plus its scan constants), and about the model's size."""
+    import onnx
+
+    model, _, folder = exported
+    for file in json.loads((folder / "manifest.json").read_text())["graphs"].values():
+        for init in onnx.load(str(folder / file), load_external_data=False).graph.initializer:
+            inline = init.data_location != onnx.TensorProto.EXTERNAL
+            assert not (inline and len(init.raw_data) >= 1024), f"{file}: {init.name} is not in weights.bin"
+    parameter_bytes = sum(p.numel() * 4 for p in model.parameters())
+    step = deployed_bytes(folder, ["step.onnx"])
+    everything = deployed_bytes(folder, ["step.onnx", "prefill.onnx", "score.onnx"])
+    assert parameter_bytes * 0.9 < step < parameter_bytes * 1.5 + 300_000
+    assert everything < step + 600_000  # the prefill's and the scoring graph's own structure only
 
 
 def test_runtime_refuses_bad_input(exported, tmp_path):
@@ -332,7 +358,7 @@ def test_int8_logits_close_and_graph_smaller(exported):
     spread = float(ref.std())
     assert float((q - ref).abs().max()) < 0.25 * spread + 0.05
     assert float(np.abs(got - ref.numpy()).max()) < 0.25 * spread + 0.05
-    assert (folder / "step.int8.onnx").stat().st_size < (folder / "step.onnx").stat().st_size
+    assert deployed_bytes(folder, ["step.int8.onnx"]) < deployed_bytes(folder, ["step.onnx"])
     # the quantized torch model still decodes through our loop
     tokens = list(stream_generate(quantize_dynamic_int8(model), ids, 5, Sampling(greedy=True), attention_mask=mask))
     assert len(tokens) == 5
@@ -386,3 +412,40 @@ def test_numpy_sampling_rules():
         assert set(picks.tolist()) == ({1, 3} if temperature < 1 else {0, 1, 2, 3})
     with pytest.raises(ValueError, match="top_p"):
         NpSampling(top_p=0.0)
+
+
+def test_a_version_1_export_still_loads(exported, tmp_path):
+    """The earlier layout (format_version 1: no scoring graph, the prefill also returning all_logits, weights
+    inside the graphs) is read by this runtime: the same last logits, state and scores as the version-2 export."""
+    import shutil
+
+    from attnfree.inference.export import _export
+
+    model, _, folder = exported
+    old = tmp_path / "v1"
+    shutil.copytree(folder, old)
+
+    class PrefillV1(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+            return (out.logits[:, -1], out.logits, *(t for _, t in output_cache(out).flatten()))
+
+    manifest = json.loads((old / "manifest.json").read_text())
+    ids, mask = padded_batch(seed=4, T=40)
+    names = ["logits", "all_logits", *manifest["prefill"]["outputs"][1:]]
+    _export(PrefillV1().eval(), (ids, mask), old / "prefill.onnx", ["input_ids", "attention_mask"], names,
+            ({0: "B", 1: "T"}, {0: "B", 1: "T"}), 18)
+    manifest.update(format_version=1, prefill={**manifest["prefill"], "outputs": names},
+                    graphs={"step": "step.onnx", "prefill": "prefill.onnx"})
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    v1, v2 = OnnxLM.load(old, verify=False), OnnxLM.load(folder)
+    ids, mask = padded_batch(seed=5)
+    for (a, b) in zip(v1.run_prefill(ids.numpy(), mask.numpy())[1], v2.run_prefill(ids.numpy(), mask.numpy())[1],
+                      strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=FLOAT32_ATOL)
+    tokens = TOK.encode("ROMEO: What say you?")
+    assert v1.score(tokens, 8)[0] == pytest.approx(v2.score(tokens, 8)[0], rel=1e-5)

@@ -160,3 +160,19 @@ def test_the_onnx_backend_draws_from_the_reference_distribution(sampling: Sampli
     counts = np.bincount([draw_row(logits, sampling, rng) for _ in range(20_000)], minlength=len(logits))
     assert np.abs(counts / 20_000 - expected).max() < 0.015, (counts / 20_000, expected)
     assert (counts[expected == 0] == 0).all()
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 40, 99])
+def test_top_k_ids_equals_a_stable_sort(k: int) -> None:
+    """The block-maximum shortcut of the ONNX backend's top-k gives the first k of a stable descending sort (ties
+    by the lower id), on random logits, on rounded logits full of ties, and with -inf entries."""
+    import numpy as np
+
+    from attnfree.inference.serve.onnx_backend import top_k_ids
+
+    rng = np.random.default_rng(k)
+    for V in (k + 1, 100, 1001, 50_257):
+        for x in (rng.standard_normal(V).astype(np.float32), np.round(rng.standard_normal(V), 1).astype(np.float32),
+                  np.where(rng.random(V) < 0.9, -np.inf, rng.standard_normal(V)).astype(np.float32)):
+            want = np.argsort(-x.astype(np.float64), kind="stable")[:k]
+            np.testing.assert_array_equal(top_k_ids(x, k), want, err_msg=f"V={V}")

@@ -210,21 +210,24 @@ def test_beam_search_reorders_the_state(name: str) -> None:
         assert torch.equal(beams[i], model.generate(ids[i:i + 1], **kw)[0])
 
 
-def test_the_onnx_step_and_prefill_match_pytorch(name: str, tmp_path) -> None:
+def test_the_onnx_graphs_match_pytorch(name: str, tmp_path) -> None:
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
     from attnfree.inference.export import export_onnx
 
     model = tiny(name, torch.float32)
     export_onnx(model, TOK, tmp_path)
-    prefill, step = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"])
-                     for f in ("prefill.onnx", "step.onnx"))
+    prefill, step, score = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"])
+                            for f in ("prefill.onnx", "step.onnx", "score.onnx"))
     ids, mask = padded_batch()
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
     with torch.no_grad():
         out = model(ids, attention_mask=mask, use_cache=True)
         cache = output_cache(out)
-        last, all_logits, *state = prefill.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        (all_logits,) = score.run(None, feed)
         assert abs(all_logits - out.logits.numpy())[mask.bool().numpy()].max() < 1e-4
+        last, *state = prefill.run(None, feed)
+        assert abs(last - out.logits[:, -1].numpy()).max() < 1e-4
         token = out.logits[:, -1].argmax(-1)
         names = [i.name for i in step.get_inputs()][1:]
         for t in range(5):

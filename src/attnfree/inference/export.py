@@ -1,18 +1,24 @@
-"""ONNX export of the one-token recurrent step and of the parallel prefill, plus int8 dynamic quantization.
+"""ONNX export of the one-token recurrent step, the parallel prefill and the scoring forward, plus int8 dynamic
+quantization.
 
-Two graphs per model, written with a ``manifest.json`` that a torch-free runner (``inference/runtime.py``) reads:
+Three graphs per model, written with a ``manifest.json`` that a torch-free runner (``inference/runtime.py``) reads:
 
-- ``prefill.onnx``: input_ids [B, T], attention_mask [B, T] (left padding allowed) -> ``logits`` [B, V] (last
-  position), ``all_logits`` [B, T, V] (every position, for scoring) and the state after the prompt.
+- ``prefill.onnx``: input_ids [B, T], attention_mask [B, T] (left padding allowed) -> ``logits`` [B, V] (the last
+  position's only: the head runs on one position) and the state after the prompt.
 - ``step.onnx``: input_ids [B, 1] and the state -> ``logits`` [B, V] and the new state.
+- ``score.onnx``: input_ids [B, T], attention_mask [B, T] -> ``all_logits`` [B, T, V] (every position, for scoring).
 
-Both are the model itself, traced: the prefill is its parallel forward, the step its own one-token forward over a
-cache rebuilt from the graph's inputs. Nothing here knows a family. The state is the model's ``RecurrentCache``
-flattened into named tensors (``RecurrentCache.flatten``: ``layers.<i>.<sublayer>.<key>.<field>`` for each block's
-state, then ``positions``, the real tokens seen per row), every one with the batch first; the empty state and its
-layout come from the blocks' ``init_state`` (``empty_cache``). Inputs are named ``state.<name>``, outputs
-``new_state.<name>``. So a new family exports as soon as its step is made of traceable tensor operations (the
-contract tests check it with a toy family).
+All are the model itself, traced: the prefill and the scoring forward are its parallel forward, the step its own
+one-token forward over a cache rebuilt from the graph's inputs. Nothing here knows a family. The state is the
+model's ``RecurrentCache`` flattened into named tensors (``RecurrentCache.flatten``:
+``layers.<i>.<sublayer>.<key>.<field>`` for each block's state, then ``positions``, the real tokens seen per row),
+every one with the batch first; the empty state and its layout come from the blocks' ``init_state``
+(``empty_cache``). Inputs are named ``state.<name>``, outputs ``new_state.<name>``. So a new family exports as soon
+as its step is made of traceable tensor operations (the contract tests check it with a toy family).
+
+The graphs hold no weights: every initializer of 1 KiB or more lives once in ``weights.bin`` (ONNX external data,
+one entry per distinct tensor, shared by every graph that uses it, page-aligned), so the folder carries the
+weights once and onnxruntime maps them from the file instead of keeping a copy of each graph's bytes.
 
 Export goes through ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript) with a dynamic batch and, for
 the prefill, a dynamic T (the TorchScript exporter, ``dynamo=False``, fails on ``aten::cummax``). ONNX has no
@@ -28,6 +34,7 @@ import hashlib
 import json
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -41,10 +48,12 @@ from attnfree.models.registry import max_positions
 from attnfree.provenance import provenance
 
 FORMAT = "attnfree-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: two graphs with embedded weights, the prefill also returning all_logits
 DEFAULT_OPSET = 18
 MANIFEST = "manifest.json"
-STEP_FILE, PREFILL_FILE = "step.onnx", "prefill.onnx"
+STEP_FILE, PREFILL_FILE, SCORE_FILE = "step.onnx", "prefill.onnx", "score.onnx"
+WEIGHTS_FILE = "weights.bin"
+POOLED_MIN_BYTES = 1024  # initializers this large go to WEIGHTS_FILE; smaller ones stay in their graph
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -105,7 +114,7 @@ class Step(nn.Module):
 
 
 class Prefill(nn.Module):
-    """(input_ids [B, T], attention_mask [B, T]) -> (logits [B, V] last position, all_logits [B, T, V], *state)."""
+    """(input_ids [B, T], attention_mask [B, T]) -> (logits [B, V] of the last position, *state)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -113,9 +122,20 @@ class Prefill(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
-        logits = out.logits  # [B, T, V]
-        return (logits[:, -1], logits, *(t for _, t in output_cache(out).flatten()))
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+        return (out.logits[:, -1], *(t for _, t in output_cache(out).flatten()))
+
+
+class Score(nn.Module):
+    """(input_ids [B, T], attention_mask [B, T]) -> all_logits [B, T, V]: every position, no state."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        _backbone(model)
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return cast(Tensor, self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits)
 
 
 def step_module(model: nn.Module) -> nn.Module:
@@ -193,7 +213,7 @@ def _example_state(model: nn.Module, batch: int) -> list[Tensor]:
     mask = torch.ones(batch, 3, dtype=torch.long)
     mask[0, 0] = 0
     with torch.no_grad():
-        return list(Prefill(model)(ids, mask)[2:])  # type: ignore[arg-type]
+        return list(Prefill(model)(ids, mask)[1:])  # type: ignore[arg-type]
 
 
 def export_step(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> list[StateSpec]:
@@ -208,18 +228,88 @@ def export_step(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) 
     return specs
 
 
-def export_prefill(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> list[StateSpec]:
-    """Write the parallel prefill of ``model`` (dynamic B and T) to ``path``; returns its state layout."""
-    specs = state_specs(model)
-    # beyond a scan chunk, so the traced graph is the general one
+def _prompt_example(model: nn.Module) -> tuple[Tensor, Tensor]:
+    """A left-padded [2, T] batch longer than a scan chunk, so the traced graph is the general one."""
     T = min(40, max(2, max_positions(cast(Any, model)) or 40))
     ids = torch.randint(0, _config(model).vocab_size, (2, T))
     mask = torch.ones(2, T, dtype=torch.long)
-    mask[1, : T // 4] = 0  # left padding: the masked path is the general one
+    mask[1, : T // 4] = 0
+    return ids, mask
+
+
+def export_prefill(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> list[StateSpec]:
+    """Write the parallel prefill of ``model`` (dynamic B and T) to ``path``; returns its state layout."""
+    specs = state_specs(model)
     dyn = {0: "B", 1: "T"}
-    _export(Prefill(model).eval(), (ids, mask), Path(path), ["input_ids", "attention_mask"],  # type: ignore[arg-type]
-            ["logits", "all_logits", *(f"new_state.{s.name}" for s in specs)], (dyn, dyn), opset)
+    _export(Prefill(model).eval(), _prompt_example(model), Path(path), ["input_ids", "attention_mask"],
+            ["logits", *(f"new_state.{s.name}" for s in specs)], (dyn, dyn), opset)
     return specs
+
+
+def export_score(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> None:
+    """Write the scoring forward of ``model`` (every position's logits, dynamic B and T) to ``path``."""
+    dyn = {0: "B", 1: "T"}
+    _export(Score(model).eval(), _prompt_example(model), Path(path), ["input_ids", "attention_mask"],
+            ["all_logits"], (dyn, dyn), opset)
+
+
+def _graphs_of(graph: Any) -> Iterator[Any]:
+    """``graph`` and every subgraph inside its nodes' attributes (If/Loop/Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in [attribute.g, *attribute.graphs] if attribute.type in (5, 10) else []:
+                yield from _graphs_of(sub)
+
+
+def pool_weights(folder: Path, files: list[str], pool: str = WEIGHTS_FILE) -> None:
+    """Move every initializer of ``POOLED_MIN_BYTES`` or more of the graphs ``files`` (in ``folder``) into one
+    external-data file ``pool``: one page-aligned entry per distinct tensor (same dtype, shape and bytes), which
+    every graph using it points at. The graphs are rewritten in place."""
+    import onnx
+    from onnx import numpy_helper
+
+    entries: dict[bytes, tuple[int, int]] = {}  # content key -> (offset, length)
+    with open(folder / pool, "wb") as out:
+        for file in files:
+            model = onnx.load(str(folder / file))
+            for graph in _graphs_of(model.graph):
+                for init in graph.initializer:
+                    if init.data_type == onnx.TensorProto.STRING:
+                        continue
+                    data = numpy_helper.to_array(init).tobytes()  # little-endian, as external data is stored
+                    if len(data) < POOLED_MIN_BYTES:
+                        continue
+                    key = hashlib.sha256(bytes([init.data_type]) + repr(list(init.dims)).encode() + data).digest()
+                    if key not in entries:
+                        out.write(b"\0" * (-out.tell() % 4096))  # page-aligned: onnxruntime can map it
+                        entries[key] = (out.tell(), len(data))
+                        out.write(data)
+                    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                                  "uint64_data"):
+                        init.ClearField(field)
+                    offset, length = entries[key]
+                    del init.external_data[:]
+                    for k, v in (("location", pool), ("offset", str(offset)), ("length", str(length))):
+                        entry = init.external_data.add()
+                        entry.key, entry.value = k, v
+                    init.data_location = onnx.TensorProto.EXTERNAL
+            onnx.save(model, str(folder / file))
+
+
+def deployed_bytes(folder: str | Path, files: list[str]) -> int:
+    """What running the graphs ``files`` of an export needs on disk: their own bytes plus the distinct entries of
+    the weights file they use (an entry shared by two of them counts once)."""
+    import onnx
+
+    root, used = Path(folder), set()
+    for file in files:
+        for graph in _graphs_of(onnx.load(str(root / file), load_external_data=False).graph):
+            for init in graph.initializer:
+                if init.data_location == onnx.TensorProto.EXTERNAL:
+                    info = {e.key: e.value for e in init.external_data}
+                    used.add((info["location"], int(info.get("offset", 0)), int(info["length"])))
+    return sum((root / f).stat().st_size for f in files) + sum(length for _, _, length in used)
 
 
 def quantize_onnx_int8(source: str | Path, target: str | Path) -> Path:
@@ -267,18 +357,20 @@ def export_onnx(model: nn.Module, tokenizer: Any, output: str | Path, quantize: 
     model = model.eval()
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
-    # 2. graphs, tokenizer, quantized copies
+    # 2. graphs, quantized copies, their weights pooled; tokenizer and runner
     export_step(model, folder / STEP_FILE, opset)
     export_prefill(model, folder / PREFILL_FILE, opset)
-    if (folder / TOKENIZER_DIR).exists():
-        shutil.rmtree(folder / TOKENIZER_DIR)
-    tok = _tokenizer_record(tokenizer, folder / TOKENIZER_DIR)
-    shutil.copyfile(Path(__file__).with_name("runtime.py"), folder / "runtime.py")  # the torch-free runner
-    graphs = {"step": STEP_FILE, "prefill": PREFILL_FILE}
+    export_score(model, folder / SCORE_FILE, opset)
+    graphs = {"step": STEP_FILE, "prefill": PREFILL_FILE, "score": SCORE_FILE}
     if quantize == "int8":
         for name, file in list(graphs.items()):
             q = quantize_onnx_int8(folder / file, folder / file.replace(".onnx", ".int8.onnx"))
             graphs[f"{name}.int8"] = q.name
+    pool_weights(folder, list(graphs.values()))
+    if (folder / TOKENIZER_DIR).exists():
+        shutil.rmtree(folder / TOKENIZER_DIR)
+    tok = _tokenizer_record(tokenizer, folder / TOKENIZER_DIR)
+    shutil.copyfile(Path(__file__).with_name("runtime.py"), folder / "runtime.py")  # the torch-free runner
     # 3. the manifest
     manifest = _manifest(model, specs, tok, graphs, folder, opset)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -299,11 +391,12 @@ def _manifest(model: nn.Module, specs: list[StateSpec], tok: dict[str, Any], gra
         "vocab_size": c.vocab_size, "max_positions": max_positions(cast(Any, model)),
         "bos_token_id": tok["bos_token_id"], "eos_token_id": tok["eos_token_id"], "pad_token_id": tok["pad_token_id"],
         "tokenizer": tok,
-        "graphs": graphs,
+        "graphs": graphs, "weights": WEIGHTS_FILE,
         "step": {"inputs": ["input_ids", *(f"state.{n}" for n in names)],
                  "outputs": ["logits", *(f"new_state.{n}" for n in names)]},
         "prefill": {"inputs": ["input_ids", "attention_mask"],
-                    "outputs": ["logits", "all_logits", *(f"new_state.{n}" for n in names)]},
+                    "outputs": ["logits", *(f"new_state.{n}" for n in names)]},
+        "score": {"inputs": ["input_ids", "attention_mask"], "outputs": ["all_logits"]},
         "state": [{**asdict(s), "shape": list(s.shape)} for s in specs],
         "files": files,
     }

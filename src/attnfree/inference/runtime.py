@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-FORMAT, FORMAT_VERSION = "attnfree-onnx", 1
+FORMAT, FORMAT_VERSIONS = "attnfree-onnx", (1, 2)  # 1: no score graph (the prefill returns all_logits too)
 State = list[np.ndarray]
 
 
@@ -144,9 +144,9 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no manifest.json in {root}: not an attnfree ONNX export")
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in FORMAT_VERSIONS:
         raise ValueError(f"{path} is format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
-                         f"this runtime reads {FORMAT!r} version {FORMAT_VERSION}")
+                         f"this runtime reads {FORMAT!r} versions {', '.join(map(str, FORMAT_VERSIONS))}")
     for name, record in manifest["files"].items() if verify else ():
         file = root / name
         if not file.is_file():
@@ -157,18 +157,24 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict[str, Any]:
 
 
 class OnnxLM:
-    """The exported prefill and step graphs, the tokenizer and the manifest of one model."""
+    """The exported graphs, the tokenizer and the manifest of one model.
+
+    The prefill and step sessions open with the model; the scoring graph (every position's logits) opens on the
+    first ``score``. The graphs' weights are one shared file (``weights.bin``), which onnxruntime maps.
+    """
 
     def __init__(self, folder: Path, manifest: dict[str, Any], prefill: ort.InferenceSession,
-                 step: ort.InferenceSession):
+                 step: ort.InferenceSession, options: ort.SessionOptions | None = None, suffix: str = ""):
         self.folder, self.manifest = folder, manifest
         self.prefill_session, self.step_session = prefill, step
+        self._options, self._suffix, self._score_session = options, suffix, None
         self.codec = load_codec(folder, manifest["tokenizer"])
         self.state_names = [s["name"] for s in manifest["state"]]
         self.max_positions: int | None = manifest["max_positions"]
         self.vocab_size: int = manifest["vocab_size"]
         self.bos_token_id, self.eos_token_id = manifest["bos_token_id"], manifest["eos_token_id"]
         self.pad_token_id: int = manifest["pad_token_id"]
+        self._prefill_outputs = ["logits", *(f"new_state.{n}" for n in self.state_names)]
 
     @classmethod
     def load(cls, folder: str | Path, quantized: bool = False, threads: int | None = None,
@@ -184,11 +190,24 @@ class OnnxLM:
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = options.inter_op_num_threads = threads
-        sessions = [ort.InferenceSession(str(root / graphs[name + suffix]), options, providers=["CPUExecutionProvider"])
-                    for name in ("prefill", "step")]
-        return cls(root, manifest, sessions[0], sessions[1])
+        sessions = [cls._session(root / graphs[name + suffix], options) for name in ("prefill", "step")]
+        return cls(root, manifest, sessions[0], sessions[1], options, suffix)
 
-    # ---- graphs -------------------------------------------------------------------------------
+    @staticmethod
+    def _session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    @property
+    def score_session(self) -> ort.InferenceSession:
+        """The graph of every position's logits: ``score.onnx`` (opened on first use), or in a version-1 export
+        the prefill graph, whose ``all_logits`` output it is."""
+        graphs = self.manifest["graphs"]
+        if "score" not in graphs:
+            return self.prefill_session
+        if self._score_session is None:
+            self._score_session = self._session(self.folder / graphs["score" + self._suffix],
+                                                self._options or ort.SessionOptions())
+        return self._score_session
 
     def _check_ids(self, ids: np.ndarray) -> None:
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
@@ -200,16 +219,24 @@ class OnnxLM:
             raise ValueError(f"position {last} is beyond the model's n_positions={self.max_positions} (learned "
                              f"position embeddings): shorten the prompt or generate fewer tokens")
 
-    def run_prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, State]:
-        """input_ids, attention_mask [B, T] (left padding) -> (logits [B, V], all_logits [B, T, V], state)."""
+    def _check_prompt(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         ids, mask = np.asarray(input_ids, dtype=np.int64), np.asarray(attention_mask, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape != mask.shape:
             raise ValueError(f"input_ids and attention_mask must be the same [B, T] with T >= 1, got "
                              f"{ids.shape} and {mask.shape}")
         self._check_ids(ids)
         self._check_positions(int(mask.sum(-1).max()) - 1)
-        out = self.prefill_session.run(None, {"input_ids": ids, "attention_mask": mask})
-        return out[0], out[1], out[2:]
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def run_prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, State]:
+        """input_ids, attention_mask [B, T] (left padding) -> (last-position logits [B, V], state)."""
+        out = self.prefill_session.run(self._prefill_outputs, self._check_prompt(input_ids, attention_mask))
+        return out[0], out[1:]
+
+    def all_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """input_ids, attention_mask [B, T] (left padding) -> every position's logits [B, T, V]."""
+        feed = self._check_prompt(input_ids, attention_mask)
+        return np.asarray(self.score_session.run(["all_logits"], feed)[0])
 
     def prefill(self, prompts: Sequence[Sequence[int]] | np.ndarray) -> tuple[np.ndarray, State]:
         """Token id lists of any lengths (left-padded here) -> (last-position logits [B, V], state)."""
@@ -221,8 +248,7 @@ class OnnxLM:
         mask = np.zeros((len(rows), T), dtype=np.int64)
         for b, r in enumerate(rows):
             ids[b, T - len(r):], mask[b, T - len(r):] = r, 1
-        logits, _, state = self.run_prefill(ids, mask)
-        return logits, state
+        return self.run_prefill(ids, mask)
 
     def step(self, tokens: np.ndarray | Sequence[int], state: State) -> tuple[np.ndarray, State]:
         """One token per sequence: tokens [B] and the state -> (logits [B, V], new state)."""
@@ -256,7 +282,7 @@ class OnnxLM:
             T = min(block_size, n - group[0])
             ids = np.stack([stream[b:b + T] for b in group])  # [B, T]
             targets = np.stack([stream[b + 1:b + T + 1] for b in group])  # [B, T]
-            _, logits, _ = self.run_prefill(ids, np.ones_like(ids))  # [B, T, V]
+            logits = self.all_logits(ids, np.ones_like(ids))  # [B, T, V]
             z = logits.astype(np.float64)
             top = z.max(-1, keepdims=True)
             log_norm = np.log(np.exp(z - top).sum(-1)) + top[..., 0]

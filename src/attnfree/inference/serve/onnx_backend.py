@@ -82,7 +82,7 @@ class OnnxBackend(Backend):
         mask = np.zeros((len(rows), T), dtype=np.int64)
         for b, r in enumerate(rows):
             ids[b, T - len(r):], mask[b, T - len(r):] = r, 1
-        logits, _, arrays = self.lm.run_prefill(ids, mask)
+        logits, arrays = self.lm.run_prefill(ids, mask)
         return logits, ArrayState(list(arrays))
 
     def step(self, tokens: Sequence[int], state: ArrayState) -> tuple[np.ndarray, ArrayState]:
@@ -112,20 +112,37 @@ class OnnxBackend(Backend):
                 "dtype": "int8" if self.quantized else "float32"}
 
 
+def top_k_ids(x: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest of x [V] (0 < k < V), largest first, ties by the lower id (the rule of
+    ``inference.sampling.top_k_stable``), in O(V) without a selection over all of V:
+
+    1. cut x into k blocks of V // k (a shorter tail left out); the smallest of the k block maxima is reached by
+       at least k values (those maxima), so every one of the k largest is at or above it
+    2. the candidates: the ids at or above that threshold (a few times k for logits)
+    3. sort the candidates by value, then id, and keep k
+    """
+    width = x.shape[-1] // k
+    threshold = x[:k * width].reshape(k, width).max(-1).min()
+    candidates = np.flatnonzero(x >= threshold)
+    if len(candidates) < k:  # NaN logits compare false: fall back to all of them
+        candidates = np.arange(x.shape[-1])
+    return candidates[np.lexsort((candidates, -x[candidates]))[:k]]
+
+
 def draw_row(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
     """One token from logits [V], by ``inference.sampling.distribution``'s rule, at top-k's O(V) cost (as the torch
     sampler's ``candidate_probs``; ``runtime.pick_next`` is the plain numpy form):
 
-    1. top-k: the k largest logits (a partition, then a stable sort of those k), else all V
+    1. top-k: the k largest logits, sorted (``top_k_ids``), else all V
     2. subtract the largest, divide by the temperature (a tiny one gives -inf, not NaN)
     3. top-p: on the sorted candidates, drop those after the smallest prefix whose mass reaches top_p
     4. invert the CDF of what is left with one uniform draw from ``rng``
     """
-    x, ids = logits.astype(np.float64), None
+    x, ids = logits, None
     if sampling.top_k and sampling.top_k < x.shape[-1]:
-        ids = np.argpartition(-x, sampling.top_k - 1)[:sampling.top_k]
-        ids = ids[np.lexsort((ids, -x[ids]))]  # largest first, ties by id
+        ids = top_k_ids(x, sampling.top_k)
         x = x[ids]
+    x = x.astype(np.float64)
     with np.errstate(over="ignore"):
         x = (x - x.max()) / sampling.temperature
     if sampling.top_p < 1.0:

@@ -54,8 +54,11 @@ def _scan_chunk(S: Tensor, Z: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor
     return A @ S, (A @ Z.unsqueeze(-1)).squeeze(-1), m
 
 
-def _scan(S: Tensor, Z: Tensor, r: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Inclusive scan of items along time. S: [B, H, T, D], Z, r: [B, H, T] -> s, z, m of the same shapes."""
+def stable_scan(S: Tensor, Z: Tensor, r: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Inclusive prefix sums of weighted items along time, relative to a running maximum: with S: [B, H, T, D],
+    Z, r: [B, H, T] (items S_j, Z_j at log-weight r_j), returns s_i = sum_{j<=i} exp(r_j - m_i) S_j, z_i likewise
+    for Z, and m_i = max_{j<=i} r_j, each of its input's shape; chunked (chunks of ``chunk``) so the work is
+    O(T * chunk)."""
     T = r.shape[-1]
     if T <= chunk:
         return _scan_chunk(S, Z, r)
@@ -68,7 +71,7 @@ def _scan(S: Tensor, Z: Tensor, r: Tensor, chunk: int) -> tuple[Tensor, Tensor, 
     s_loc, z_loc, m_loc = _scan_chunk(S.unflatten(-2, (n, chunk)), Z.unflatten(-1, (n, chunk)),
                                       r.unflatten(-1, (n, chunk)))  # [B, H, N, C, (D)]
     # 2. scan of the chunk summaries, shifted by one: what chunks 0..c-1 carry into chunk c
-    P, Q, R = _scan(s_loc[..., -1, :], z_loc[..., -1], m_loc[..., -1], chunk)  # [B, H, N, (D)]
+    P, Q, R = stable_scan(s_loc[..., -1, :], z_loc[..., -1], m_loc[..., -1], chunk)  # [B, H, N, (D)]
     P, Q = F.pad(P[..., :-1, :], (0, 0, 1, 0)), F.pad(Q[..., :-1], (1, 0))
     R = F.pad(R[..., :-1], (1, 0), value=float("-inf"))
     # 3. combine at m_i = max(R_c, local running max)
@@ -107,7 +110,7 @@ def additive_pool_parallel(x: Tensor, scores: Tensor, mask: Tensor | None = None
         a = a.masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
     # 1. heads first: S = x [B, H, T, D], Z = 1, r = a [B, H, T]
     S, r = x.to(acc).transpose(1, 2), a.transpose(1, 2)
-    s, z, m = _scan(S, torch.ones_like(r), r, max(2, options.chunk_size))  # a chunk of 1 would never shrink T
+    s, z, m = stable_scan(S, torch.ones_like(r), r, max(2, options.chunk_size))  # a chunk of 1 would never shrink T
     # 2. a previous state (prefill continuing, chunked prefill) enters every position
     if initial_state is not None:
         s, z, m = _merge_state(s, z, m, initial_state)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnfree.ops.additive.parallel import _scan
+from attnfree.ops.additive.parallel import stable_scan
 from attnfree.ops.additive.state import finite_or_zero, safe_divide, state_dtype
 from attnfree.ops.windowed.state import (
     WindowOptions,
@@ -130,8 +130,8 @@ def windowed_pool_blocks(x: Tensor, scores: Tensor, mask: Tensor | None, initial
     ones, chunk = torch.ones_like(r[:, :, 1:]), max(2, math.ceil(k / math.ceil(k / options.chunk_size)))
     # 2. prefix (s, z, m) of [0, r] in blocks 1..N; suffix of [r + 1, k) in blocks 0..N-1 (the last block's suffix and
     # the block before the sequence's prefix are never read)
-    sp, zp, mp = _scan(S[:, :, 1:], ones, r[:, :, 1:], chunk)
-    ss, zs, ms = _scan(S[:, :, :-1, 1:].flip(-2), ones[..., 1:], r[:, :, :-1, 1:].flip(-1), chunk)
+    sp, zp, mp = stable_scan(S[:, :, 1:], ones, r[:, :, 1:], chunk)
+    ss, zs, ms = stable_scan(S[:, :, :-1, 1:].flip(-2), ones[..., 1:], r[:, :, :-1, 1:].flip(-1), chunk)
     ss, zs = F.pad(ss.flip(-2), (0, 0, 0, 1)), F.pad(zs.flip(-1), (0, 1))  # empty past the block's end
     ms = F.pad(ms.flip(-1), (0, 1), value=float("-inf"))
     # 3. g = the previous block's suffix joined to the current block's prefix; position i is block 1's row 0 + i
