@@ -16,3 +16,25 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"data bundle not found at {DATA_DIR} (set ATTNFREE_DATA)")
     return DATA_DIR
+
+
+# Cases that run only with -m slow, by name: a second copy of a slow check whose first copy runs by default (the
+# schema fuzz on the ONNX backend, after the torch backend's; the ONNX export of each option variant of a family,
+# after the family's own and the toy's). Their parametrisation is shared with cases that stay fast, so they are
+# marked here rather than at the parameter.
+SLOW_CASES = (
+    "test_api.py::test_schemathesis_finds_nothing[onnx]",
+    "test_api.py::test_schemathesis_with_an_api_key[onnx]",
+    "test_contract.py::test_the_onnx_graphs_match_pytorch[fastformer+options]",
+    "test_contract.py::test_the_onnx_graphs_match_pytorch[leviathan+options]",
+    "test_contract.py::test_the_onnx_graphs_match_pytorch[leviathan-ensemble]",
+    "test_contract.py::test_the_onnx_graphs_match_pytorch[leap+normed]",
+    "test_contract.py::test_the_onnx_graphs_match_pytorch[fastformer-seed]",
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):  # runs before the -m selection
+    for item in items:
+        if item.nodeid.endswith(SLOW_CASES):
+            item.add_marker(pytest.mark.slow)
