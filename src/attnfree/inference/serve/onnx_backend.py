@@ -77,12 +77,7 @@ class OnnxBackend(Backend):
             for column in zip(*rows, strict=True):
                 logits, state = self.step(column, state)
             return logits, state
-        T = max(len(r) for r in rows)
-        ids = np.full((len(rows), T), self.lm.pad_token_id, dtype=np.int64)  # [B, T], left-padded
-        mask = np.zeros((len(rows), T), dtype=np.int64)
-        for b, r in enumerate(rows):
-            ids[b, T - len(r):], mask[b, T - len(r):] = r, 1
-        logits, arrays = self.lm.run_prefill(ids, mask)
+        logits, arrays = self.lm.prefill(rows)  # left-padded there
         return logits, ArrayState(list(arrays))
 
     def step(self, tokens: Sequence[int], state: ArrayState) -> tuple[np.ndarray, ArrayState]:
