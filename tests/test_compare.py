@@ -179,6 +179,10 @@ def test_equal_time_plans_steps_by_a_probe_and_keeps_the_plan(small_text, tmp_pa
     assert main(args) == 0
     again = capsys.readouterr().err
     assert "probing" not in again and again.count("reusing") == 2
+    # finishing a sweep with more jobs, the thread count unchanged: still the stored plan
+    assert main([*args, "--jobs", "2"]) == 0
+    again = capsys.readouterr().err
+    assert "probing" not in again and again.count("reusing") == 2
 
 
 def test_probe_steps_times_every_model_round_robin():

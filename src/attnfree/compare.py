@@ -223,7 +223,13 @@ def _plan_key(settings: TrainSettings, budget_seconds: float, jobs: int) -> dict
     values = _comparable(settings.to_dict()) or {}
     for name in ("model", "seed", "max_steps", "output_dir"):
         values.pop(name, None)
-    return {"budget_seconds": budget_seconds, "single_thread": jobs > 1, "settings": values}
+    return {"budget_seconds": budget_seconds, "single_thread": _run_threads(settings, jobs) == 1, "settings": values}
+
+
+def _run_threads(settings: TrainSettings, jobs: int) -> int | None:
+    """The CPU threads each run gets (None: torch's default): the settings' own, else one when runs share the
+    machine."""
+    return settings.threads or (1 if jobs > 1 else None)
 
 
 def _budget_plans(per_model: dict[str, TrainSettings], tokenizer: SpecialIds, budget_seconds: float, jobs: int,
@@ -238,7 +244,7 @@ def _budget_plans(per_model: dict[str, TrainSettings], tokenizer: SpecialIds, bu
     missing = {label: s for label, s in per_model.items() if label not in plans}
     if missing:
         print(f"[attnfree] probing the step time of {', '.join(missing)} (round-robin)", file=sys.stderr, flush=True)
-        threads = next(iter(per_model.values())).threads or (1 if jobs > 1 else None)
+        threads = _run_threads(next(iter(per_model.values())), jobs)
         plans |= probe_steps(missing, tokenizer, budget_seconds, threads=threads)
         everything = {**stored.get("plans", {}), **{k: p.to_dict() for k, p in plans.items()}}
         file.write_text(json.dumps({"key": key, "plans": everything}, indent=2) + "\n")

@@ -71,6 +71,9 @@ def test_recipes_and_overrides():
     assert (nano.hidden_size, nano.n_heads, nano.num_layers, nano.block_size, nano.batch_size) == (128, 4, 4, 64, 12)
     assert nano.max_steps == 10 and RECIPES["nanogpt-char"].max_steps == 2000
     assert recipe("earlier-work").tokenizer == "gpt2"
+    long, tokens = recipe("shakespeare-512"), lambda s: s.batch_size * s.block_size * s.max_steps
+    assert long.block_size == 512 and long.size == nano.replace(block_size=512).size
+    assert tokens(long) == 2 * tokens(RECIPES["nanogpt-char"])  # windows shorter than the context, twice the cost
     with pytest.raises(ValueError, match="unknown recipe 'nope'; valid: demo"):
         recipe("nope")
 
