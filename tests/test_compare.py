@@ -198,3 +198,51 @@ def test_probe_steps_times_every_model_round_robin():
         assert plan.planned_steps == max(1, int(10.0 / plan.seconds_per_step))
     with pytest.raises(ValueError, match="budget_seconds"):
         probe_steps(settings, ByteTokenizer(), 0.0)
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Pids whose command line contains ``text`` (Linux /proc)."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if text in proc.joinpath("cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc"), reason="reads /proc")
+def test_stopping_a_comparison_stops_its_runs(small_text, tmp_path):
+    """SIGTERM to ``attnfree compare`` (as ``kill`` or a job scheduler sends it) stops the training processes too:
+    left behind, a run would finish later and overwrite its folder's record."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "cmp"
+    env = {**os.environ, "ATTNFREE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    args = [*ARGS[:ARGS.index("--max-steps")], "--max-steps", "100000", "--eval-every", "100000", "--no-progress",
+            "--seeds", "3,4", "--jobs", "2"]
+    parent = subprocess.Popen([sys.executable, "-m", "attnfree.cli", "compare", "--data", small_text,
+                               "--output-dir", str(out), *args], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_processes_naming(str(out / "configs"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        runs = _processes_naming(str(out / "configs"))
+        assert len(runs) == 2, "the two runs never started"
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=60) != 0
+    finally:
+        parent.kill()
+    deadline = time.monotonic() + 30
+    while _processes_naming(str(out / "configs")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _processes_naming(str(out / "configs")), "a training run outlived its comparison"
+    assert not list(out.glob("*/seed-*/run.json"))

@@ -19,11 +19,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,7 +169,44 @@ def _run_env(jobs: int, todo: list[Job]) -> dict[str, str]:
     return env
 
 
-def _train_in_subprocess(job: Job, output_dir: Path, quiet: bool, env: dict[str, str]) -> RunResult:
+class _Runs:
+    """The training processes running now. When the comparison is stopped (Ctrl-C, SIGTERM, an error in this
+    process), they are stopped with it and no new one starts: a run left behind would go on to overwrite a
+    finished record with one made under another plan."""
+
+    def __init__(self) -> None:
+        self.live: set[subprocess.Popen[bytes]] = set()
+        self.stopping = False
+        self.lock = threading.Lock()
+
+    def call(self, command: list[str], **kwargs: Any) -> int:
+        """``subprocess.call``, tracked; -15 at once when the comparison is stopping."""
+        with self.lock:
+            if self.stopping:
+                return -signal.SIGTERM
+            process = subprocess.Popen(command, **kwargs)
+            self.live.add(process)
+        try:
+            return process.wait()
+        finally:
+            with self.lock:
+                self.live.discard(process)
+
+    def stop(self) -> None:
+        """Terminate every live run (kill what has not exited 30 s later)."""
+        with self.lock:
+            self.stopping = True
+            live = list(self.live)
+        for process in live:
+            process.terminate()
+        for process in live:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _train_in_subprocess(job: Job, output_dir: Path, quiet: bool, env: dict[str, str], runs: _Runs) -> RunResult:
     """``python -m attnfree.cli train --config <settings>``; its output goes to the terminal or, quietly,
     to ``output_dir/logs/<name>.log``. A run already finished with these settings is reused."""
     settings = job.settings
@@ -185,9 +225,9 @@ def _train_in_subprocess(job: Job, output_dir: Path, quiet: bool, env: dict[str,
         logs = output_dir / "logs"
         logs.mkdir(exist_ok=True)
         with open(logs / f"{job.name}.log", "w") as log:
-            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            code = runs.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     else:
-        code = subprocess.call(command, env=env)
+        code = runs.call(command, env=env)
     if code != 0:
         where = f"; see {output_dir / 'logs' / (job.name + '.log')}" if quiet else ""
         raise RuntimeError(f"training {settings.model} failed with exit status {code}{where}")
@@ -198,15 +238,41 @@ def _train_in_subprocess(job: Job, output_dir: Path, quiet: bool, env: dict[str,
     return result
 
 
+@contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the main thread (so cleanup runs) while inside the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _train_all(todo: list[Job], output_dir: Path, quiet: bool, jobs: int) -> dict[tuple[str, int], RunResult]:
     """Every job, ``jobs`` at a time in the order given (seed by seed); with several at once each run's output goes
-    to its log file. Runs already started finish before a failure is raised."""
+    to its log file. Runs already started finish before a failure of another run is raised; stopping the
+    comparison stops its runs."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     env = _run_env(jobs, todo)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {(job.label, job.seed): pool.submit(_train_in_subprocess, job, output_dir, quiet or jobs > 1, env)
-                   for job in todo}
+    pool, runs = ThreadPoolExecutor(max_workers=jobs), _Runs()
+    try:
+        with _terminate_raises():
+            futures = {(job.label, job.seed): pool.submit(_train_in_subprocess, job, output_dir,
+                                                          quiet or jobs > 1, env, runs) for job in todo}
+            wait(futures.values())
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        runs.stop()
+        raise
+    pool.shutdown()
     return {key: future.result() for key, future in futures.items()}
 
 
