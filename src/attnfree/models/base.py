@@ -546,13 +546,10 @@ class RecurrentForCausalLM(RecurrentGenerationMixin, RecurrentPreTrainedModel, G
 
     def compute_logits(self, h: Tensor) -> Tensor:
         """h [..., C] -> logits [..., V]. One position on a CPU without autograd (a decoding step) goes through
-        ``decode_head``. While tracing, the head runs on h flattened to 2-D: torch.onnx lowers a 2-D linear to
-        Gemm(transB=1), and a 3-D one to a MatMul with a constant-folded transposed copy of the (tied) weight."""
+        ``decode_head``."""
         plain = isinstance(getattr(self.lm_head, "weight", None), Tensor)  # not a quantized head (weight())
         if plain and h.shape[-2] == 1 and h.device.type == "cpu" and not torch.is_grad_enabled() and not _tracing():
             return decode_head(self.lm_head, h)
-        if _tracing() and h.dim() > 2:  # 2-D, so that ONNX gets Gemm(transB=1), not a transposed copy of the weight
-            return self.lm_head(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], -1)
         return self.lm_head(h)
 
     def extra_loss(self, out: Any) -> Tensor | None:
