@@ -41,7 +41,7 @@ from attnfree.inference.runtime import OnnxLM  # noqa: E402
 from attnfree.inference.runtime import Sampling as NpSampling  # noqa: E402
 from attnfree.inference.sampling import Sampling  # noqa: E402
 from attnfree.models.compat import output_cache  # noqa: E402
-from attnfree.models.registry import ModelSize, build_model  # noqa: E402
+from attnfree.models.registry import ModelSize, build_model, max_positions  # noqa: E402
 from attnfree.testing import perturb  # noqa: E402
 
 FLOAT32_ATOL = 1e-4  # exported vs PyTorch logits, float32 both sides (observed: ~1e-6)
@@ -253,7 +253,8 @@ def test_manifest(exported):
     model, _, folder = exported
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["format"] == "attnfree-onnx" and manifest["format_version"] == 2
-    assert manifest["vocab_size"] == TOK.vocab_size and manifest["max_positions"] == TINY.n_positions
+    assert manifest["vocab_size"] == TOK.vocab_size and manifest["max_positions"] == max_positions(model)
+    assert max_positions(model) in (TINY.n_positions, None)
     assert (manifest["bos_token_id"], manifest["eos_token_id"]) == (TOK.bos_token_id, TOK.eos_token_id)
     assert manifest["tokenizer"]["kind"] == "byte" and manifest["architecture"] == type(model).__name__
     graphs = {"step", "prefill", "score", "step.int8", "prefill.int8", "score.int8"}
@@ -291,15 +292,18 @@ def test_the_graphs_share_one_copy_of_the_weights(exported):
 
 
 def test_runtime_refuses_bad_input(exported, tmp_path):
-    _, _, folder = exported
+    model, _, folder = exported
     lm = OnnxLM.load(folder)
-    with pytest.raises(ValueError, match="n_positions=96"):
-        lm.prefill([[65] * 97])
-    with pytest.raises(ValueError, match="exceeds the model's n_positions=96"):
-        list(lm.generate_ids([[65] * 90], 10))
-    _, state = lm.prefill([[65] * 96])
-    with pytest.raises(ValueError, match="position 96 is beyond"):
-        lm.step(np.array([65]), state)
+    if max_positions(model) is not None:  # learned positions: a limit to refuse past
+        with pytest.raises(ValueError, match="n_positions=96"):
+            lm.prefill([[65] * 97])
+        with pytest.raises(ValueError, match="exceeds the model's n_positions=96"):
+            list(lm.generate_ids([[65] * 90], 10))
+        _, state = lm.prefill([[65] * 96])
+        with pytest.raises(ValueError, match="position 96 is beyond"):
+            lm.step(np.array([65]), state)
+    else:  # no limit: a prompt past TINY.n_positions is served
+        assert lm.prefill([[65] * 97])[0].shape == (1, TOK.vocab_size)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         lm.prefill([[TOK.vocab_size]])
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
