@@ -30,7 +30,9 @@ from attnfree.evaluation.bpc import evaluate_bpc  # noqa: E402
 from attnfree.inference.decoding import stream_generate  # noqa: E402
 from attnfree.inference.export import (  # noqa: E402
     Prefill,
+    PrefillAndScore,
     Score,
+    _keep_outputs,
     deployed_bytes,
     empty_state,
     quantize_dynamic_int8,
@@ -272,6 +274,59 @@ def test_manifest(exported):
         [TOK.vocab_size]]
     assert [o.shape[1:] for o in ort.InferenceSession(str(folder / "score.onnx")).get_outputs()] == [
         ["T", TOK.vocab_size]]
+
+
+def test_one_forward_gives_the_prefill_and_the_scores(exported):
+    """``PrefillAndScore`` (traced once for both graphs) computes what ``Prefill`` and ``Score`` compute; pruned to
+    its outputs, the prefill graph runs the head once, on the last position only."""
+    import onnx
+
+    model, _, folder = exported
+    ids, mask = padded_batch(seed=2)
+    with torch.no_grad():
+        all_logits, last, *state = PrefillAndScore(model)(ids, mask)
+        torch.testing.assert_close(all_logits, Score(model)(ids, mask), rtol=1e-5, atol=1e-5)
+        for got, want in zip([last, *state], Prefill(model)(ids, mask), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    V = TOK.vocab_size
+    for graph in ("prefill", "score"):
+        proto = onnx.load(str(folder / f"{graph}.onnx"), load_external_data=False).graph
+        heads = {t.name for t in proto.initializer if V in t.dims and len(t.dims) == 2}
+        assert len([n for n in proto.node if heads.intersection(n.input) and n.op_type != "Gather"]) == 1, graph
+    outputs = [o.name for o in onnx.load(str(folder / "score.onnx"), load_external_data=False).graph.output]
+    assert outputs == ["all_logits"]
+
+
+def test_keep_outputs_prunes_what_no_output_needs(tmp_path):
+    """A graph with two outputs, a subgraph reading an outer name and an initializer each: pruned to one output,
+    the other's nodes and initializer go, the subgraph's outer name stays; the pruned graph still runs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("a", "b")]
+    then = helper.make_graph([helper.make_node("Identity", ["w"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["picked"], then_branch=then, else_branch=other),
+             helper.make_node("Add", ["picked", "x"], ["a"]),
+             helper.make_node("Mul", ["x", "u"], ["b"])]
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
+             (("w", [1.0, 2.0]), ("u", [3.0, 4.0]), ("zero", 0.0))]
+    source = tmp_path / "both.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], outs, inits),
+                                opset_imports=[helper.make_opsetid("", 18)]), str(source))
+    _keep_outputs(source, tmp_path / "a.onnx", ["a"])
+    pruned = onnx.load(str(tmp_path / "a.onnx")).graph
+    assert [n.op_type for n in pruned.node] == ["ReduceSum", "Greater", "If", "Add"]
+    assert sorted(t.name for t in pruned.initializer) == ["w", "zero"] and [o.name for o in pruned.output] == ["a"]
+    a = ort.InferenceSession(str(tmp_path / "a.onnx")).run(None, {"x": np.array([1.0, 1.0], np.float32)})[0]
+    np.testing.assert_allclose(a, [2.0, 3.0])
+    with pytest.raises(ValueError, match="not all of"):
+        _keep_outputs(source, tmp_path / "c.onnx", ["c"])
 
 
 def test_the_graphs_share_one_copy_of_the_weights(exported):

@@ -138,6 +138,24 @@ class Score(nn.Module):
         return cast(Tensor, self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits)
 
 
+class PrefillAndScore(nn.Module):
+    """(input_ids [B, T], attention_mask [B, T]) -> (all_logits [B, T, V], logits [B, V], *state): ``Score`` and
+    ``Prefill`` from one backbone forward, so that one trace gives both graphs (each pruned to its outputs; the
+    last position's logits come from a head on that position alone, so the pruned prefill has no [B, T, V])."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        _backbone(model)
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
+        lm = cast(Any, self.model)
+        out = lm.model(input_ids, attention_mask, None, None, None, True, None)
+        h = out.last_hidden_state  # [B, T, C]
+        last = lm.compute_logits(h[:, -1:])[:, -1]  # [B, V]
+        return (lm.compute_logits(h), last, *(t for _, t in output_cache(out).flatten()))
+
+
 def step_module(model: nn.Module) -> nn.Module:
     """The functional one-token step of ``model`` (see ``Step``)."""
     return Step(model)
@@ -237,20 +255,60 @@ def _prompt_example(model: nn.Module) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def export_prefill(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> list[StateSpec]:
-    """Write the parallel prefill of ``model`` (dynamic B and T) to ``path``; returns its state layout."""
+def export_prefill_and_score(model: nn.Module, prefill: str | Path, score: str | Path,
+                             opset: int = DEFAULT_OPSET) -> list[StateSpec]:
+    """Write the parallel prefill (last logits and state) and the scoring forward (every position's logits) of
+    ``model``, both with dynamic B and T, from one trace of ``PrefillAndScore``; returns the state layout."""
     specs = state_specs(model)
     dyn = {0: "B", 1: "T"}
-    _export(Prefill(model).eval(), _prompt_example(model), Path(path), ["input_ids", "attention_mask"],
-            ["logits", *(f"new_state.{s.name}" for s in specs)], (dyn, dyn), opset)
+    states = [f"new_state.{s.name}" for s in specs]
+    both = Path(prefill).with_suffix(".both.onnx")
+    _export(PrefillAndScore(model).eval(), _prompt_example(model), both, ["input_ids", "attention_mask"],
+            ["all_logits", "logits", *states], (dyn, dyn), opset)
+    _keep_outputs(both, Path(prefill), ["logits", *states])
+    _keep_outputs(both, Path(score), ["all_logits"])
+    both.unlink()
     return specs
 
 
-def export_score(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> None:
-    """Write the scoring forward of ``model`` (every position's logits, dynamic B and T) to ``path``."""
-    dyn = {0: "B", 1: "T"}
-    _export(Score(model).eval(), _prompt_example(model), Path(path), ["input_ids", "attention_mask"],
-            ["all_logits"], (dyn, dyn), opset)
+def _keep_outputs(source: Path, target: Path, outputs: list[str]) -> None:
+    """``source`` with only the graph outputs ``outputs``, less every node and initializer no output needs."""
+    import onnx
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    kept = [o for o in graph.output if o.name in outputs]
+    if [o.name for o in kept] != outputs:
+        raise ValueError(f"{source.name} has outputs {[o.name for o in graph.output]}, not all of {outputs}")
+    # 1. walk back from the outputs: a node is live if it makes a needed value (a subgraph's outer names count)
+    needed, live = set(outputs), []
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            live.append(node)
+            needed.update(_consumed(node))
+    # 2. rewrite the graph with the live nodes, the used initializers and the kept outputs
+    live.reverse()
+    used_inits = [t for t in graph.initializer if t.name in needed]
+    infos = [v for v in graph.value_info if v.name in needed]
+    for field, items in (("node", live), ("initializer", used_inits), ("value_info", infos), ("output", kept)):
+        container = getattr(graph, field)
+        copies = [type(item)() for item in items]
+        for copy, item in zip(copies, items, strict=True):
+            copy.CopyFrom(item)
+        del container[:]
+        container.extend(copies)
+    onnx.save(model, str(target))
+
+
+def _consumed(node: Any) -> set[str]:
+    """The value names a node reads: its inputs and every name read inside its subgraphs."""
+    names = {name for name in node.input if name}
+    for attribute in node.attribute:
+        for sub in [attribute.g, *attribute.graphs] if attribute.type in (5, 10) else []:
+            for graph in _graphs_of(sub):
+                for inner in graph.node:
+                    names.update(name for name in inner.input if name)
+    return names
 
 
 def _graphs_of(graph: Any) -> Iterator[Any]:
@@ -359,8 +417,7 @@ def export_onnx(model: nn.Module, tokenizer: Any, output: str | Path, quantize: 
     folder.mkdir(parents=True, exist_ok=True)
     # 2. graphs, quantized copies, their weights pooled; tokenizer and runner
     export_step(model, folder / STEP_FILE, opset)
-    export_prefill(model, folder / PREFILL_FILE, opset)
-    export_score(model, folder / SCORE_FILE, opset)
+    export_prefill_and_score(model, folder / PREFILL_FILE, folder / SCORE_FILE, opset)
     graphs = {"step": STEP_FILE, "prefill": PREFILL_FILE, "score": SCORE_FILE}
     if quantize == "int8":
         for name, file in list(graphs.items()):
