@@ -1,6 +1,7 @@
 """The side-by-side comparison: tiny models under two seeds, each run in its own process; tables, plots, samples."""
 
 import json
+import os
 
 import pytest
 
@@ -214,11 +215,10 @@ def _processes_naming(text: str) -> list[int]:
     return found
 
 
-@pytest.mark.skipif(not __import__("os").path.isdir("/proc"), reason="reads /proc")
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_stopping_a_comparison_stops_its_runs(small_text, tmp_path):
     """SIGTERM to ``attnfree compare`` (as ``kill`` or a job scheduler sends it) stops the training processes too:
     left behind, a run would finish later and overwrite its folder's record."""
-    import os
     import signal
     import subprocess
     import sys

@@ -319,14 +319,14 @@ def test_keep_outputs_prunes_what_no_output_needs(tmp_path):
     source = tmp_path / "both.onnx"
     onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], outs, inits),
                                 opset_imports=[helper.make_opsetid("", 18)]), str(source))
-    _keep_outputs(source, tmp_path / "a.onnx", ["a"])
+    onnx.save(_keep_outputs(onnx.load(str(source)), ["a"]), str(tmp_path / "a.onnx"))
     pruned = onnx.load(str(tmp_path / "a.onnx")).graph
     assert [n.op_type for n in pruned.node] == ["ReduceSum", "Greater", "If", "Add"]
     assert sorted(t.name for t in pruned.initializer) == ["w", "zero"] and [o.name for o in pruned.output] == ["a"]
     a = ort.InferenceSession(str(tmp_path / "a.onnx")).run(None, {"x": np.array([1.0, 1.0], np.float32)})[0]
     np.testing.assert_allclose(a, [2.0, 3.0])
     with pytest.raises(ValueError, match="not all of"):
-        _keep_outputs(source, tmp_path / "c.onnx", ["c"])
+        _keep_outputs(onnx.load(str(source)), ["c"])
 
 
 def test_the_graphs_share_one_copy_of_the_weights(exported):

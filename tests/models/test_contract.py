@@ -269,9 +269,8 @@ def test_decoding_steps_read_a_transposed_head_copy_that_follows_the_weight(name
 
 def test_the_decoding_head_copy_stays_out_of_exported_graphs(tmp_path, monkeypatch) -> None:
     """Tracing for ONNX runs the plain head: the copy would enter the graph as a second constant weight. (Export
-    also runs the model eagerly, for an example state; the copy may serve those calls. The head itself is exported
-    as MatMul by a Transpose of the weight, which the exporter folds into a constant below its size limit and
-    onnxruntime folds at load above it: a Gemm(transB=1) instead measured 1.6x slower at batch 1 and heavier.)"""
+    also runs the model eagerly, for an example state; the copy may serve those calls. How the head itself is
+    exported: docs/deployment.md, "The graphs".)"""
     pytest.importorskip("onnxscript")
     import attnfree.models.base as base
     from attnfree.inference.export import export_onnx

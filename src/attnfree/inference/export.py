@@ -259,27 +259,32 @@ def export_prefill_and_score(model: nn.Module, prefill: str | Path, score: str |
                              opset: int = DEFAULT_OPSET) -> list[StateSpec]:
     """Write the parallel prefill (last logits and state) and the scoring forward (every position's logits) of
     ``model``, both with dynamic B and T, from one trace of ``PrefillAndScore``; returns the state layout."""
+    import onnx
+
     specs = state_specs(model)
     dyn = {0: "B", 1: "T"}
     states = [f"new_state.{s.name}" for s in specs]
     both = Path(prefill).with_suffix(".both.onnx")
     _export(PrefillAndScore(model).eval(), _prompt_example(model), both, ["input_ids", "attention_mask"],
             ["all_logits", "logits", *states], (dyn, dyn), opset)
-    _keep_outputs(both, Path(prefill), ["logits", *states])
-    _keep_outputs(both, Path(score), ["all_logits"])
+    traced = onnx.load(str(both))
+    onnx.save(_keep_outputs(traced, ["logits", *states]), str(prefill))
+    onnx.save(_keep_outputs(traced, ["all_logits"]), str(score))
     both.unlink()
     return specs
 
 
-def _keep_outputs(source: Path, target: Path, outputs: list[str]) -> None:
-    """``source`` with only the graph outputs ``outputs``, less every node and initializer no output needs."""
+def _keep_outputs(model: Any, outputs: list[str]) -> Any:
+    """A copy of the ONNX ``model`` with only the graph outputs ``outputs``, less every node and initializer no
+    output needs."""
     import onnx
 
-    model = onnx.load(str(source))
-    graph = model.graph
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    graph = pruned.graph
     kept = [o for o in graph.output if o.name in outputs]
     if [o.name for o in kept] != outputs:
-        raise ValueError(f"{source.name} has outputs {[o.name for o in graph.output]}, not all of {outputs}")
+        raise ValueError(f"the graph has outputs {[o.name for o in graph.output]}, not all of {outputs}")
     # 1. walk back from the outputs: a node is live if it makes a needed value (a subgraph's outer names count)
     needed, live = set(outputs), []
     for node in reversed(graph.node):
@@ -297,27 +302,30 @@ def _keep_outputs(source: Path, target: Path, outputs: list[str]) -> None:
             copy.CopyFrom(item)
         del container[:]
         container.extend(copies)
-    onnx.save(model, str(target))
+    return pruned
 
 
 def _consumed(node: Any) -> set[str]:
     """The value names a node reads: its inputs and every name read inside its subgraphs."""
     names = {name for name in node.input if name}
-    for attribute in node.attribute:
-        for sub in [attribute.g, *attribute.graphs] if attribute.type in (5, 10) else []:
-            for graph in _graphs_of(sub):
-                for inner in graph.node:
-                    names.update(name for name in inner.input if name)
+    for sub in _subgraphs(node):
+        for graph in _graphs_of(sub):
+            for inner in graph.node:
+                names.update(name for name in inner.input if name)
     return names
+
+
+def _subgraphs(node: Any) -> list[Any]:
+    """The graphs in a node's attributes (If branches, Loop/Scan bodies)."""
+    return [sub for a in node.attribute if a.type in (5, 10) for sub in (a.g, *a.graphs)]  # GRAPH, GRAPHS
 
 
 def _graphs_of(graph: Any) -> Iterator[Any]:
     """``graph`` and every subgraph inside its nodes' attributes (If/Loop/Scan bodies)."""
     yield graph
     for node in graph.node:
-        for attribute in node.attribute:
-            for sub in [attribute.g, *attribute.graphs] if attribute.type in (5, 10) else []:
-                yield from _graphs_of(sub)
+        for sub in _subgraphs(node):
+            yield from _graphs_of(sub)
 
 
 def pool_weights(folder: Path, files: list[str], pool: str = WEIGHTS_FILE) -> None:
