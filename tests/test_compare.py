@@ -184,6 +184,17 @@ def test_equal_time_plans_steps_by_a_probe_and_keeps_the_plan(small_text, tmp_pa
     assert main([*args, "--jobs", "2"]) == 0
     again = capsys.readouterr().err
     assert "probing" not in again and again.count("reusing") == 2
+    # a model added to the sweep: probed beside the planned ones and put on the plan's clock; theirs unchanged
+    added = [*args[:args.index("--models") + 1], "fastformer,gpt2,leviathan", *args[args.index("--models") + 2:]]
+    assert main(added) == 0
+    again = capsys.readouterr().err
+    assert "probing the step time of leviathan (round-robin, anchored on fastformer, gpt2)" in again
+    assert again.count("reusing") == 2
+    extended = json.loads((out / "budget-plan.json").read_text())["plans"]
+    assert {k: extended[k] for k in plan} == plan
+    new = extended["leviathan"]
+    assert new["clock_scale"] > 0 and new["planned_steps"] == max(1, int(1.5 / new["seconds_per_step"]))
+    assert RunResult.from_json(out / "leviathan" / "seed-0").budget == new
 
 
 def test_probe_steps_times_every_model_round_robin():
@@ -199,6 +210,22 @@ def test_probe_steps_times_every_model_round_robin():
         assert plan.planned_steps == max(1, int(10.0 / plan.seconds_per_step))
     with pytest.raises(ValueError, match="budget_seconds"):
         probe_steps(settings, ByteTokenizer(), 0.0)
+
+
+def test_a_later_probe_is_put_on_the_first_probes_clock():
+    """Models probed on a machine twice as busy as at the first probe get the steps they would have got then."""
+    from attnfree.training.budget import Plan, clock_scale
+
+    first = {"a": Plan(300.0, 0.2, 5, 1500), "b": Plan(300.0, 0.5, 5, 600)}
+    now = {"a": Plan(300.0, 0.4, 5, 750), "b": Plan(300.0, 1.0, 5, 300), "new": Plan(300.0, 0.6, 5, 500)}
+    scale = clock_scale(first, now)
+    assert scale == pytest.approx(0.5)
+    moved = now["new"].rescaled(scale)
+    assert moved.seconds_per_step == pytest.approx(0.3) and moved.planned_steps == 1000
+    assert moved.clock_scale == pytest.approx(0.5) and moved.probe_steps == 5
+    assert now["a"].rescaled(scale).planned_steps == 1500  # an anchor lands back on its own plan
+    with pytest.raises(ValueError, match="no model was timed by both"):
+        clock_scale(first, {"new": now["new"]})
 
 
 def _processes_naming(text: str) -> list[int]:

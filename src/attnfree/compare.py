@@ -38,7 +38,7 @@ from attnfree.inference.decoding import generate_text
 from attnfree.models.registry import IMPORT_ENV, SpecialIds, build_model, plugin_modules
 from attnfree.provenance import provenance
 from attnfree.training import RECIPES, RunResult, TrainSettings, recipe
-from attnfree.training.budget import Plan, probe_steps
+from attnfree.training.budget import Plan, clock_scale, probe_steps
 
 __all__ = ["RECIPES", "ComparisonResult", "compare", "plot_histories", "recipe", "results_table"]
 
@@ -301,17 +301,28 @@ def _run_threads(settings: TrainSettings, jobs: int) -> int | None:
 def _budget_plans(per_model: dict[str, TrainSettings], tokenizer: SpecialIds, budget_seconds: float, jobs: int,
                   output_dir: Path) -> dict[str, Plan]:
     """Each model's plan: reused from ``output_dir/budget-plan.json`` when it was made for the same budget and
-    settings (so a stopped sweep plans the same steps), else probed (the missing models together) and stored."""
+    settings (so a stopped sweep plans the same steps), else probed (the missing models together) and stored. Models
+    added to a planned sweep are probed beside the planned ones and put on the stored plan's clock."""
     file = output_dir / PLAN_FILE
     key = _plan_key(next(iter(per_model.values())), budget_seconds, jobs)
     stored = json.loads(file.read_text()) if file.is_file() else {}
-    plans = {label: Plan(**p) for label, p in stored.get("plans", {}).items()
-             if stored.get("key") == key and label in per_model}
+    if stored.get("key") != key:  # a plan for another budget or settings is replaced, not merged
+        stored = {}
+    plans = {label: Plan(**p) for label, p in stored.get("plans", {}).items() if label in per_model}
     missing = {label: s for label, s in per_model.items() if label not in plans}
     if missing:
-        print(f"[attnfree] probing the step time of {', '.join(missing)} (round-robin)", file=sys.stderr, flush=True)
+        # 1. the missing models, and the planned ones as anchors, in one round-robin probe
+        anchors = {label: per_model[label] for label in plans}
+        print(f"[attnfree] probing the step time of {', '.join(missing)} (round-robin"
+              + (f", anchored on {', '.join(anchors)})" if anchors else ")"), file=sys.stderr, flush=True)
         threads = _run_threads(next(iter(per_model.values())), jobs)
-        plans |= probe_steps(missing, tokenizer, budget_seconds, threads=threads)
+        probed = probe_steps(missing | anchors, tokenizer, budget_seconds, threads=threads)
+        # 2. the new models on the stored plan's clock
+        scale = clock_scale(plans, probed) if anchors else 1.0
+        if anchors:
+            print(f"[attnfree] the planned models ran {1 / scale:.2f}x their planned step time; the new models' "
+                  "times are scaled to the plan's clock", file=sys.stderr)
+        plans |= {label: probed[label].rescaled(scale) for label in missing}
         everything = {**stored.get("plans", {}), **{k: p.to_dict() for k, p in plans.items()}}
         file.write_text(json.dumps({"key": key, "plans": everything}, indent=2) + "\n")
     for label, plan in plans.items():

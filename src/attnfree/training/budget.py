@@ -9,6 +9,10 @@
 3. takes each model's median step time and plans ``floor(S / median)`` steps (at least one), which a run then
    trains with its whole learning-rate schedule (``max_steps`` is the schedule's length).
 
+A sweep that gains models after its first probe keeps one clock: the new models are probed together with the
+planned ones (the anchors), and their step times are scaled by how much slower or faster the anchors ran then than
+now (``clock_scale``), so a busier or quieter machine at the second probe plans no one more or fewer steps.
+
 The probe measures the step alone; a run's actual training seconds (``RunResult.train_seconds``) also hold the
 Trainer's per-step overhead and are recorded beside the plan.
 """
@@ -37,9 +41,25 @@ class Plan:
     seconds_per_step: float  # median of the timed probe steps
     probe_steps: int  # timed steps (warm-up excluded)
     planned_steps: int
+    clock_scale: float = 1.0  # the factor the measured step time was scaled by onto an earlier probe's clock
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def rescaled(self, scale: float) -> Plan:
+        """This plan on another probe's clock: the step time times ``scale``, the steps planned again."""
+        seconds = self.seconds_per_step * scale
+        return Plan(self.budget_seconds, seconds, self.probe_steps, max(1, int(self.budget_seconds / seconds)),
+                    self.clock_scale * scale)
+
+
+def clock_scale(earlier: Mapping[str, Plan], now: Mapping[str, Plan]) -> float:
+    """How much slower the earlier probe's clock ran than this one: the median, over the models both probes timed,
+    of the earlier step time over this one's."""
+    common = [label for label in earlier if label in now]
+    if not common:
+        raise ValueError("no model was timed by both probes, so their clocks cannot be matched")
+    return statistics.median(earlier[label].seconds_per_step / now[label].seconds_per_step for label in common)
 
 
 @contextlib.contextmanager
