@@ -15,7 +15,7 @@ from attnfree.models.registry import ModelSize, build_model, count_parameters
 from attnfree.training import TrainSettings, train
 
 TOK = ByteTokenizer()
-PEERS = ["rwkv", "mamba", "mamba2", "griffin"]
+PEERS = ["rwkv", "mamba", "mamba2", "griffin", "llama"]
 
 
 @pytest.mark.parametrize("name", PEERS)
@@ -58,7 +58,7 @@ def test_a_peer_is_scored_on_recall_with_its_decode_state(name: str) -> None:
 
 def test_each_peer_keeps_the_state_its_design_says() -> None:
     """Constant in the context length for the recurrences; Griffin's grows with the context up to its window (its
-    local attention's keys and values), then stays; GPT-2's KV cache grows without bound."""
+    local attention's keys and values), then stays; the attention baselines' KV caches grow without bound."""
     size = ModelSize(32, 2, 3, 64)
     states = {name: [decode_state_bytes(build_model(name, size, TOK), t) for t in (8, 40, 64)]
               for name in (*PEERS, "gpt2")}
@@ -69,6 +69,21 @@ def test_each_peer_keeps_the_state_its_design_says() -> None:
     kv_per_token = 2 * 1 * (32 // 2) * 4  # keys and values, one KV head of size D = 16, float32, one attention block
     assert states["griffin"][2] - states["griffin"][0] == kv_per_token * (window - 1 - 8)
     assert states["gpt2"][0] < states["gpt2"][1] < states["gpt2"][2]
+    kv_per_token = 2 * 32 * 4 * 3  # keys and values of width C = 32 in each of the 3 layers, float32
+    assert states["llama"][2] - states["llama"][0] == kv_per_token * (64 - 8) == states["gpt2"][2] - states["gpt2"][0]
+
+
+def test_llama_is_a_rotary_transformer_of_the_shared_shape() -> None:
+    """Rotary positions and no position table: the shared width, heads, layers and limit; only the MLP is sized."""
+    config = build_model("llama", ModelSize(128, 4, 4, 512), TOK).config
+    heads = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    assert config.hidden_size == 128 and heads == (4, 4, 32)
+    assert config.num_hidden_layers == 4 and config.max_position_embeddings == 512
+    assert config.rope_parameters["rope_type"] == "default"
+    model = build_model("llama", ModelSize(32, 2, 2, 64), TOK)
+    assert not any("position" in name for name, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        build_model("llama", ModelSize(30, 4, 2, 64), TOK)
 
 
 def test_griffin_keeps_its_structure_and_refuses_a_model_without_attention() -> None:

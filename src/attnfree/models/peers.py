@@ -1,4 +1,5 @@
-"""The sub-quadratic models users pick today, from transformers' own classes: RWKV-4, Mamba, Mamba-2 and Griffin.
+"""The models users compare against today, from transformers' own classes: the sub-quadratic RWKV-4, Mamba, Mamba-2
+and Griffin, and the attention baseline of their papers, a Llama-style Transformer ("Transformer++").
 
 Like the GPT-2 baseline, nothing here is ours but the sizing: each peer is the stock implementation, sized so that
 its parameter count is within 5% of the GPT-2 baseline of the same ``ModelSize``. One integer knob per peer does it,
@@ -15,6 +16,9 @@ the rest of each design kept as its authors published it:
   key-value head
   (multi-query, as Griffin); RG-LRU width = C; the local-attention window is half the training length, capped at
   2,048 (Griffin's ratio: 1,024-token windows at 2,048-token training); knob: the gated MLP's width.
+- ``llama`` (``LlamaForCausalLM``: rotary positions, RMSNorm, a SwiGLU MLP, no biases): the shared width, layers
+  and heads, as many key-value heads as query heads; knob: the SwiGLU width. Unlike GPT-2's learned positions,
+  rotary ones need no table to learn, so it is the attention baseline at long blocks.
 
 Input and output embeddings are tied, as in every other model here. None of the peers reads ``attention_mask`` as
 ours do: they are trained and scored here on unpadded windows only. ``decode_state_bytes`` measures what each one
@@ -110,6 +114,18 @@ def griffin_config(hidden_size: int, n_heads: int, num_layers: int, n_positions:
                                 eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=True, **extra)
 
 
+def llama_config(hidden_size: int, n_heads: int, num_layers: int, n_positions: int, vocab_size: int, bos: int,
+                 eos: int, pad: int, intermediate: int, **extra: Any) -> PreTrainedConfig:
+    from transformers import LlamaConfig
+
+    if hidden_size % n_heads:
+        raise ValueError(f"llama needs hidden_size divisible by n_heads, got {hidden_size} and {n_heads}")
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                       num_attention_heads=n_heads, num_key_value_heads=n_heads, head_dim=hidden_size // n_heads,
+                       intermediate_size=intermediate, max_position_embeddings=n_positions, bos_token_id=bos,
+                       eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=True, **extra)
+
+
 def mambapy_available() -> bool:
     """Whether the optional ``mambapy`` package (Mamba's parallel scan on any device) is installed."""
     from importlib.util import find_spec
@@ -157,6 +173,13 @@ def griffin_sizes(size: Any, ids: Any) -> dict[str, Any]:
     """RecurrentGemmaConfig fields: the shared width, heads and layers; knob: the gated MLP's width (half of it in
     each of its two branches)."""
     return matched("griffin", size, range(32, 16 * size.hidden_size + 32, 32), lambda inner: griffin_config(
+        size.hidden_size, size.n_heads, size.num_layers, size.n_positions, ids.vocab_size, ids.bos_token_id,
+        ids.eos_token_id, ids.pad_token_id, inner))
+
+
+def llama_sizes(size: Any, ids: Any) -> dict[str, Any]:
+    """LlamaConfig fields: the shared width, heads, layers and positions; knob: the SwiGLU width."""
+    return matched("llama", size, range(16, 8 * size.hidden_size + 16, 16), lambda inner: llama_config(
         size.hidden_size, size.n_heads, size.num_layers, size.n_positions, ids.vocab_size, ids.bos_token_id,
         ids.eos_token_id, ids.pad_token_id, inner))
 

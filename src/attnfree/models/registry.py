@@ -36,6 +36,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     GPT2Config,
+    LlamaConfig,
     Mamba2Config,
     MambaConfig,
     PreTrainedConfig,
@@ -54,7 +55,7 @@ from attnfree.models.leviathan import (
     LeviathanMoEConfig,
     LeviathanMoEForCausalLM,
 )
-from attnfree.models.peers import build_peer, griffin_sizes, mamba2_sizes, mamba_sizes, rwkv_sizes
+from attnfree.models.peers import build_peer, griffin_sizes, llama_sizes, mamba2_sizes, mamba_sizes, rwkv_sizes
 
 
 @dataclass(frozen=True)
@@ -323,3 +324,4 @@ register_model("rwkv", RwkvConfig, build_peer, rwkv_sizes, auto=False)
 register_model("mamba", MambaConfig, build_peer, mamba_sizes, auto=False)
 register_model("mamba2", Mamba2Config, build_peer, mamba2_sizes, auto=False)
 register_model("griffin", RecurrentGemmaConfig, build_peer, griffin_sizes, auto=False)
+register_model("llama", LlamaConfig, build_peer, llama_sizes, auto=False)
