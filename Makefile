@@ -37,7 +37,7 @@ typecheck: setup
 	$(BIN)/mypy src benchmarks
 
 unit: setup
-	$(BIN)/pytest -q --durations=10
+	$(BIN)/pytest -q -n auto --durations=10
 
 test: lint typecheck unit
 
@@ -68,7 +68,7 @@ gpu-check: setup
 	$(BIN)/python -m benchmarks.gpu_check
 
 slow: setup
-	$(BIN)/pytest -q -m slow
+	$(BIN)/pytest -q -n auto -m slow
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-floor build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
