@@ -330,8 +330,15 @@ def _compare_parser(sub: Any) -> None:
 
 
 def cmd_recall(ns: argparse.Namespace) -> int:
-    from attnfree.evaluation.recall import recall, results_table, settings_for
+    from attnfree.evaluation.recall import collect, recall, results_table, settings_for
     from attnfree.models.registry import split_model_list
+
+    if ns.collect:  # no training: the given sweeps' runs, one table and plot
+        if not ns.output_dir:
+            raise SystemExit("attnfree recall --collect needs --output-dir for the combined table and plot")
+        print(results_table(collect(ns.collect.split(","), ns.output_dir)))
+        print(f"\nwrote {Path(ns.output_dir) / 'results.md'}")
+        return 0
 
     overrides = {k: v for k, v in (("seq_len", ns.seq_len), ("n_pairs", ns.n_pairs), ("vocab_size", ns.vocab_size),
                                    ("steps", ns.steps), ("lr", ns.lr), ("layers", ns.layers), ("seed", ns.seed))
@@ -363,6 +370,9 @@ def _recall_parser(sub: Any) -> None:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--seed", type=int, default=None, help="seed for the data and the weights")
     p.add_argument("--output-dir", default=None, help="write results.json, results.md and a plot here")
+    p.add_argument("--collect", default=None, metavar="DIR1,DIR2",
+                   help="train nothing: put the runs of earlier sweeps' output folders in one table and plot, with "
+                   "the frontier of accuracy against state bytes (needs --output-dir)")
     p.set_defaults(func=cmd_recall)
 
 

@@ -56,3 +56,37 @@ def test_the_cli_writes_a_table_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0  # everything reused: nothing trained again
     assert "recall fastformer" not in capsys.readouterr().err
+
+
+def test_sweeps_are_collected_into_one_table_with_their_own_provenance(tmp_path, capsys):
+    """Two sweeps (as if run at different commits) in one table and plot, nothing trained; each run keeps the
+    provenance of the sweep that made it."""
+    common = ["--seq-len", "16", "--n-pairs", "2", "--vocab-size", "32", "--widths", "16", "--layers", "1",
+              "--steps", "2"]
+    for name, model in (("a", "fastformer"), ("b", "gpt2")):
+        assert main(["recall", "--models", model, *common, "--output-dir", str(tmp_path / name)]) == 0
+    first = json.loads((tmp_path / "a" / "results.json").read_text())
+    first["provenance"]["git_commit"] = "an-older-commit"
+    (tmp_path / "a" / "results.json").write_text(json.dumps(first))
+    capsys.readouterr()
+    out = tmp_path / "both"
+    assert main(["recall", "--collect", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--output-dir", str(out)]) == 0
+    assert "recall fastformer" not in capsys.readouterr().err  # nothing trained
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["result"]["model"] for r in runs] == ["fastformer", "gpt2"]
+    assert runs[0]["provenance"]["git_commit"] == "an-older-commit" != runs[1]["provenance"]["git_commit"]
+    assert runs[0]["source"] == str(tmp_path / "a")
+    assert "| gpt2 |" in (out / "results.md").read_text()
+    assert (out / "accuracy_vs_state.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["recall", "--collect", str(tmp_path / "nothing"), "--output-dir", str(out)]) == 2
+    assert "no recall results at" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="needs --output-dir"):
+        main(["recall", "--collect", str(tmp_path / "a")])
+
+
+def test_the_frontier_keeps_the_best_accuracy_each_budget_of_state_buys():
+    from attnfree.evaluation.recall import pareto_frontier
+
+    points = [(4000, 0.8), (1000, 0.3), (2000, 0.25), (32000, 1.0), (1000, 0.28), (50000, 0.9)]
+    assert pareto_frontier(points) == [(1000, 0.3), (4000, 0.8), (32000, 1.0)]
+    assert pareto_frontier([]) == []

@@ -226,6 +226,10 @@ def plot_accuracy_vs_state(results: Sequence[RecallResult], path: Path) -> Path:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
             for b, a, w in pts:
                 ax.annotate(str(w), (b, a), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        frontier = pareto_frontier([(r.state_bytes, r.accuracy) for r in results
+                                    if (r.task["seq_len"], r.task["n_pairs"]) == (T, N)])
+        ax.step([b for b, _ in frontier], [a for _, a in frontier], where="post", color="grey", linestyle="--",
+                linewidth=1, label="frontier" if ax is axes[0][0] else None)
         ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"MQAR T={T}, {N} pairs")
@@ -237,6 +241,37 @@ def plot_accuracy_vs_state(results: Sequence[RecallResult], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def pareto_frontier(points: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The (state bytes, accuracy) points that no other point beats with fewer or equal bytes, by bytes: the best
+    recall each budget of state buys."""
+    frontier: list[tuple[int, float]] = []
+    for b, a in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not frontier or a > frontier[-1][1]:
+            frontier.append((b, a))
+    return frontier
+
+
+def collect(sources: Sequence[str | Path], output_dir: str | Path) -> list[RecallResult]:
+    """One table and plot from several sweeps' ``results.json`` (each run keeps its sweep's provenance and folder):
+    rows measured under different commits or at different times, side by side without training again."""
+    from attnfree.provenance import provenance
+
+    entries: list[dict[str, Any]] = []
+    for source in sources:
+        file = Path(source) / "results.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"no recall results at {file}: give folders that `attnfree recall "
+                                    "--output-dir` wrote")
+        payload = json.loads(file.read_text())
+        for entry in payload.get("runs", []):
+            entries.append({**entry, "provenance": entry.get("provenance", payload.get("provenance")),
+                            "source": entry.get("source", str(source))})
+    if not entries:
+        raise ValueError(f"the folders {', '.join(map(str, sources))} hold no recall runs")
+    _write(Path(output_dir), entries, provenance())
+    return [RecallResult(**e["result"]) for e in entries]
 
 
 def recall(models: Sequence[str], settings: Sequence[RecallSettings], output_dir: str | Path | None = None,
