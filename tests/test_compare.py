@@ -40,6 +40,10 @@ def test_compare_over_seeds_writes_tables_plots_and_samples(small_text, tmp_path
     assert {r.settings["tokenizer"] for r in runs.values()} == {str((out / "tokenizer").resolve())}
     assert all(r.steps == 6 and r.settings["seed"] == seed for (_, seed), r in runs.items())
     assert runs[("gpt2", 3)].bpc != runs[("gpt2", 4)].bpc  # the seeds differ
+    # each row's decode state after block_size (32) tokens: GPT-2's KV cache, 2 layers x keys and values x 32 x C
+    assert runs[("gpt2", 3)].decode_state_bytes == 2 * 2 * 32 * 32 * 4
+    assert 0 < runs[("fastformer_preset=seed", 3)].decode_state_bytes < runs[("gpt2", 3)].decode_state_bytes
+    assert f"| {2 * 2 * 32 * 32 * 4:,} |" in printed and "decode state (B)" in printed
     for label, seed in runs:
         assert (out / label / f"seed-{seed}" / "run.json").is_file()
     # the summary: mean and std over seeds, the paired difference to the baseline with its interval

@@ -355,14 +355,15 @@ def summary_table(result: ComparisonResult) -> str:
     seeds = result.seeds
     columns = ["model", "parameters", *(f"BPC seed {s}" for s in seeds), "BPC mean ± std",
                f"vs {result.baseline} (paired, 95% interval)" if result.baseline else "vs baseline",
-               "tokens/s", "steps", "train s"]
+               "tokens/s", "steps", "train s", "decode state (B)"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for label, m in result.models.items():
         runs = [m.runs[s] for s in seeds]
         versus = "baseline" if label == result.baseline else str(m.difference) if m.difference else ""
+        state = runs[0].decode_state_bytes  # None in records written before runs measured it
         cells = [label, f"{runs[0].parameters:,}", *(f"{r.bpc:.4f}" for r in runs), str(m.summary), versus,
                  f"{sum(r.tokens_per_second for r in runs) / len(runs):,.0f}", _spread(r.steps for r in runs),
-                 f"{sum(r.train_seconds for r in runs) / len(runs):,.1f}"]
+                 f"{sum(r.train_seconds for r in runs) / len(runs):,.1f}", "–" if state is None else f"{state:,}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

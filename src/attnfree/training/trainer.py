@@ -53,6 +53,7 @@ from attnfree.data import (
     tokenize_cached,
 )
 from attnfree.evaluation.bpc import EvalResult, evaluate_bpc
+from attnfree.models.decode_state import decode_state_bytes
 from attnfree.models.registry import build_model, count_parameters, max_positions
 from attnfree.provenance import provenance
 from attnfree.training.settings import TrainSettings
@@ -89,6 +90,7 @@ class RunResult:
     settings: dict[str, Any]
     provenance: dict[str, Any] = field(default_factory=dict)  # versions and source revision (attnfree.provenance)
     budget: dict[str, Any] | None = None  # compare --budget-seconds: the budget, the probe and the planned steps
+    decode_state_bytes: int | None = None  # what one sequence carries to its next token after block_size tokens
 
     def to_json(self, path: str | Path) -> Path:
         """Write the record atomically (a process stopped mid-write leaves no half file that reads as finished)."""
@@ -423,7 +425,7 @@ def _finish(s: TrainSettings, trainer: Trainer, data: _Data, clock: TrainClock, 
         data_protocol=data.corpus.protocol, eval_protocol=final.protocol, eval_history=evals, train_history=losses,
         world_size=trainer.args.world_size, device=str(trainer.args.device), output_dir=s.output_dir,
         settings=json.loads(json.dumps(s.to_dict())),  # as run.json holds it (tuples become lists)
-        provenance=provenance(),
+        provenance=provenance(), decode_state_bytes=decode_state_bytes(model, s.block_size),
     )
     Path(s.output_dir).mkdir(parents=True, exist_ok=True)
     data.tokenizer.save(s.output_dir)
