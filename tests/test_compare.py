@@ -83,6 +83,20 @@ def test_labels_and_table_rows():
     assert lines[2] == "| gpt2 | 7 | 1,234 | 2.5000 | 1.7300 | 1.7300 | 5.640 | 1,000 | 512 | 12.3 | 10.0 | 6 |"
 
 
+def test_a_record_from_a_newer_attnfree_still_reads(tmp_path):
+    """A sweep's process reads records its runs wrote; a run made by a newer attnfree (one more field) must not
+    stop it at the end of hours of training."""
+    import dataclasses
+
+    run = RunResult(model="gpt2", parameters=1, bpc=2.5, nats_per_char=1.7, loss_per_token=1.7, perplexity=5.6,
+                    tokens_per_second=1.0, peak_memory_mb=1.0, wall_seconds=1.0, train_seconds=1.0, steps=1,
+                    tokens_trained=1, stopped_by="max_steps", data_protocol="d", eval_protocol="e", eval_history=[],
+                    train_history=[], world_size=1, device="cpu", output_dir="x", settings={})
+    record = {**dataclasses.asdict(run), "a_field_from_the_future": 1}
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    assert RunResult.from_json(tmp_path) == run
+
+
 TINY = ["--tokenizer", "byte", "--hidden-size", "16", "--n-heads", "2", "--num-layers", "1", "--block-size", "16",
         "--batch-size", "2", "--eval-every", "0", "--no-progress", "--sample-tokens", "4", "--log-every", "2"]
 

@@ -107,7 +107,9 @@ class RunResult:
             file = file / RUN_FILE
         if not file.is_file():
             raise FileNotFoundError(f"run file {file} not found")
-        return cls(**json.loads(file.read_text()))
+        record = json.loads(file.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}  # a newer attnfree's record may hold more fields
+        return cls(**{k: v for k, v in record.items() if k in known})
 
 
 # ----------------------------------------------------------------------------------------------
