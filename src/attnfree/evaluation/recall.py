@@ -217,14 +217,17 @@ def plot_accuracy_vs_state(results: Sequence[RecallResult], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys((r.task["seq_len"], r.task["n_pairs"]) for r in results))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks) + 3.5, 4.5), squeeze=False)
     models = list(dict.fromkeys(r.model for r in results))
+    several_widths = len({r.width for r in results}) > 1  # label the points with their width only then
+    markers = "os^Dvp*XP<>h"
     for ax, (T, N) in zip(axes[0], tasks, strict=True):
-        for m in models:
+        for i, m in enumerate(models):
             pts = sorted((r.state_bytes, r.accuracy, r.width) for r in results
                          if r.model == m and (r.task["seq_len"], r.task["n_pairs"]) == (T, N))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-            for b, a, w in pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i // 10 % len(markers)],
+                    color=f"C{i % 10}", label=m)
+            for b, a, w in pts if several_widths else ():
                 ax.annotate(str(w), (b, a), textcoords="offset points", xytext=(3, 3), fontsize=7)
         frontier = pareto_frontier([(r.state_bytes, r.accuracy) for r in results
                                     if (r.task["seq_len"], r.task["n_pairs"]) == (T, N)])
@@ -236,7 +239,7 @@ def plot_accuracy_vs_state(results: Sequence[RecallResult], path: Path) -> Path:
         ax.set_xlabel("decode-state bytes per sequence (log)")
         ax.set_ylabel("answer accuracy")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
