@@ -318,8 +318,9 @@ def _budget_plans(per_model: dict[str, TrainSettings], tokenizer: SpecialIds, bu
         threads = _run_threads(next(iter(per_model.values())), jobs)
         probed = probe_steps(missing | anchors, tokenizer, budget_seconds, threads=threads)
         # 2. the new models on the stored plan's clock
-        scale = clock_scale(plans, probed) if anchors else 1.0
+        scale = 1.0
         if anchors:
+            scale = clock_scale(plans, probed)
             print(f"[attnfree] the planned models ran {1 / scale:.2f}x their planned step time; the new models' "
                   "times are scaled to the plan's clock", file=sys.stderr)
         plans |= {label: probed[label].rescaled(scale) for label in missing}

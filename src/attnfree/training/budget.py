@@ -38,7 +38,7 @@ class Plan:
     """One model's probe and the steps planned from it."""
 
     budget_seconds: float
-    seconds_per_step: float  # median of the timed probe steps
+    seconds_per_step: float  # median of the timed probe steps (times clock_scale)
     probe_steps: int  # timed steps (warm-up excluded)
     planned_steps: int
     clock_scale: float = 1.0  # the factor the measured step time was scaled by onto an earlier probe's clock
