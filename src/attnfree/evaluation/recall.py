@@ -232,7 +232,7 @@ def plot_accuracy_vs_state(results: Sequence[RecallResult], path: Path) -> Path:
         frontier = pareto_frontier([(r.state_bytes, r.accuracy) for r in results
                                     if (r.task["seq_len"], r.task["n_pairs"]) == (T, N)])
         ax.step([b for b, _ in frontier], [a for _, a in frontier], where="post", color="grey", linestyle="--",
-                linewidth=1, label="frontier" if ax is axes[0][0] else None)
+                linewidth=1, label="frontier")
         ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"MQAR T={T}, {N} pairs")

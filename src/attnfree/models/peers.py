@@ -20,9 +20,9 @@ the rest of each design kept as its authors published it:
   and heads, as many key-value heads as query heads; knob: the SwiGLU width. Unlike GPT-2's learned positions,
   rotary ones need no table to learn, so it is the attention baseline at long blocks.
 
-Input and output embeddings are tied, as in every other model here. None of the peers reads ``attention_mask`` as
-ours do: they are trained and scored here on unpadded windows only. ``decode_state_bytes`` measures what each one
-carries from token to token.
+Input and output embeddings are tied, as in every other model here. The recurrent peers do not read
+``attention_mask`` as ours do: they are trained and scored here on unpadded windows only. ``decode_state_bytes``
+measures what each one carries from token to token.
 """
 
 from __future__ import annotations
