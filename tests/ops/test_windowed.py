@@ -60,7 +60,7 @@ def run(fn, x, a, mask, k, do):
 @pytest.mark.parametrize("dtype, B, T, H, D, k, scale, form", reference_cases())
 def test_forms_agree_with_the_reference(dtype, B, T, H, D, k, scale, form):
     x, a, mask = make_inputs(B, T, H, D, dtype, scale)
-    do = torch.randn(B, T, H, D, dtype=torch.float64)
+    do = torch.randn(B, T, H, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))  # not the global
     xr, ar = x.detach().double().requires_grad_(), a.detach().double().requires_grad_()
     ref_out, ref_state, (ref_dx, ref_da) = run(windowed_pool_naive, xr, ar, mask, k, do)
     out, state, (dx, da) = run(FORMS[form], x, a, mask, k, do)
@@ -68,8 +68,9 @@ def test_forms_agree_with_the_reference(dtype, B, T, H, D, k, scale, form):
     assert_close(f"{form} state.x", state.x, ref_state.x.to(state.x.dtype))
     assert torch.equal(state.a, ref_state.a.to(state.a.dtype)), "the ring's scores are copied, not computed"
     assert_close(f"{form} dx", dx, ref_dx.to(dtype))
-    if dtype == torch.float32 and scale > 100:
-        # at |a| ~ 1e4 the softmax is one-hot: the exact da is ~0 and float32's is the rounding of x_j - g_i (~1e-6)
+    if dtype == torch.float32 and (scale > 100 or T == 1):
+        # at |a| ~ 1e4 the softmax is one-hot, and at T = 1 every window holds one position: the exact da is ~0 (0)
+        # and float32's is the rounding of x_j - g_i (~1e-6), so only an absolute bound means anything
         assert (da.double() - ref_da).abs().max() < 1e-4
     else:
         assert_close(f"{form} da", da, ref_da.to(dtype))
