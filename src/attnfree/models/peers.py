@@ -118,8 +118,6 @@ def llama_config(hidden_size: int, n_heads: int, num_layers: int, n_positions: i
                  eos: int, pad: int, intermediate: int, **extra: Any) -> PreTrainedConfig:
     from transformers import LlamaConfig
 
-    if hidden_size % n_heads:
-        raise ValueError(f"llama needs hidden_size divisible by n_heads, got {hidden_size} and {n_heads}")
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                        num_attention_heads=n_heads, num_key_value_heads=n_heads, head_dim=hidden_size // n_heads,
                        intermediate_size=intermediate, max_position_embeddings=n_positions, bos_token_id=bos,
